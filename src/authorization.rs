@@ -1,0 +1,533 @@
+//! The authorisation engine: pure functions from (run, agent, grants, parent, *now*) to a
+//! decision. No I/O, no clock of its own: the controller passes *now*, tests pass a fixed one.
+//!
+//! Effective authority is always the **intersection** of what the run asks for, what the
+//! Agent may hold (its ceiling), what the principal granted (the union of Allow grants in
+//! force, minus every Deny grant in force) and, for a sub-agent, what the parent run holds.
+//!
+//! Rules, in the order they are checked:
+//! 1. The run's own spec must be well-formed (scopes, durations, template, images).
+//! 2. The Agent must exist and not be being deleted; its spec must be well-formed.
+//! 3. For a sub-agent run: the parent must exist, be active, act for the same principal and
+//!    have delegation depth left.
+//! 4. Grants for (principal, agent) count only while in force: `notBefore <= now <
+//!    expiresAt`, not being deleted. A malformed Allow grant is ignored; a malformed Deny
+//!    grant denies everything (fail closed).
+//! 5. Deny grants win. A Deny grant takes away its scopes and its audiences; an empty list
+//!    means "all of them", so a Deny grant with both lists empty refuses the agent outright.
+//!    A requested pattern that overlaps a denied one is dropped whole (patterns cannot
+//!    express "P:* except Q").
+//! 6. Every container image of the template must match one of the Agent's image patterns.
+//! 7. TTL = min(run, agent, contributing grants, parent, global); deadline = min(start +
+//!    maxDuration, start + grants' maxRunDuration, grants' expiresAt, parent deadline, start
+//!    + global maximum). A run left with no scope or no audience is denied, never given an
+//!    empty token.
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::duration;
+use crate::resources::{Agent, AgentRun, DelegationGrant, DeniedScope, Effect, RunPhase};
+use crate::scope::{self, Scope};
+
+/// Operator-wide bounds and naming that every decision uses.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// The SPIFFE trust domain of run identities (`cluster.local`).
+    pub trust_domain: String,
+    /// No token lives longer than this, whatever the resources say.
+    pub max_token_ttl: SignedDuration,
+    /// The token lifetime of a run that does not ask for one (before the other bounds).
+    pub default_token_ttl: SignedDuration,
+    /// No run lasts longer than this.
+    pub max_run_duration: SignedDuration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            trust_domain: "cluster.local".to_string(),
+            max_token_ttl: SignedDuration::from_hours(1),
+            default_token_ttl: SignedDuration::from_mins(10),
+            max_run_duration: SignedDuration::from_hours(24),
+        }
+    }
+}
+
+/// Everything a decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    pub run: &'a AgentRun,
+    /// The run's Agent, if it exists.
+    pub agent: Option<&'a Agent>,
+    /// The DelegationGrants of the run's namespace (any principal/agent; the engine filters).
+    pub grants: &'a [DelegationGrant],
+    /// The parent run named by `spec.parentRun`, if it exists.
+    pub parent: Option<&'a AgentRun>,
+    pub now: Timestamp,
+    pub policy: &'a Policy,
+}
+
+/// A machine-readable reason for a refusal. `as_str` is what appears in status, Events,
+/// audit lines and metric labels (a bounded set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The run's spec is malformed.
+    InvalidSpec,
+    /// The named Agent does not exist (yet).
+    AgentNotFound,
+    /// The Agent is being deleted.
+    AgentDeleted,
+    /// The Agent's spec is malformed.
+    InvalidAgent,
+    /// No Allow grant for (principal, agent) exists yet.
+    NoGrant,
+    /// Allow grants exist but none is in force yet (before `notBefore`).
+    GrantNotYetValid,
+    /// Allow grants existed but every one has expired.
+    GrantExpired,
+    /// A Deny grant refuses the principal this agent (or everything the run asked for).
+    DeniedByGrant,
+    /// A Deny grant is malformed, so Deputy fails closed.
+    InvalidDenyGrant,
+    /// None of the requested scopes survives the intersection.
+    NoScopesGranted,
+    /// None of the requested audiences survives the intersection.
+    NoAudienceGranted,
+    /// A container image is not allowed by the Agent.
+    ImageNotAllowed,
+    /// The parent run does not exist (yet).
+    ParentNotFound,
+    /// The parent run is not active.
+    ParentNotActive,
+    /// The parent run acts for another principal.
+    ParentPrincipalMismatch,
+    /// The chain already has as many hops as the grants allow.
+    DelegationDepthExceeded,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::AgentNotFound => "AgentNotFound",
+            Reason::AgentDeleted => "AgentDeleted",
+            Reason::InvalidAgent => "InvalidAgent",
+            Reason::NoGrant => "NoGrant",
+            Reason::GrantNotYetValid => "GrantNotYetValid",
+            Reason::GrantExpired => "GrantExpired",
+            Reason::DeniedByGrant => "DeniedByGrant",
+            Reason::InvalidDenyGrant => "InvalidDenyGrant",
+            Reason::NoScopesGranted => "NoScopesGranted",
+            Reason::NoAudienceGranted => "NoAudienceGranted",
+            Reason::ImageNotAllowed => "ImageNotAllowed",
+            Reason::ParentNotFound => "ParentNotFound",
+            Reason::ParentNotActive => "ParentNotActive",
+            Reason::ParentPrincipalMismatch => "ParentPrincipalMismatch",
+            Reason::DelegationDepthExceeded => "DelegationDepthExceeded",
+        }
+    }
+
+    /// Whether a *pending* run should wait for a change (something it names may still be
+    /// created) rather than be denied for good. An active run loses its authority either way.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Reason::AgentNotFound | Reason::NoGrant | Reason::GrantNotYetValid | Reason::ParentNotFound
+        )
+    }
+}
+
+/// Why a scope was dropped.
+pub mod scope_reason {
+    pub const NOT_IN_AGENT_CEILING: &str = "NotInAgentCeiling";
+    pub const NOT_GRANTED: &str = "NotGrantedByPrincipal";
+    pub const DENIED_BY_GRANT: &str = "DeniedByGrant";
+    pub const NOT_HELD_BY_PARENT: &str = "NotHeldByParent";
+}
+
+/// A refusal: the reason, a sentence for people, and the scopes that were dropped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub message: String,
+    pub denied_scopes: Vec<DeniedScope>,
+}
+
+/// What an authorised run holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Authorization {
+    /// `spiffe://<trust-domain>/ns/<ns>/agent/<agent>/run/<run>`.
+    pub identity: String,
+    /// Effective scopes, minimal and sorted.
+    pub scopes: Vec<Scope>,
+    /// Effective audiences, sorted.
+    pub audiences: Vec<String>,
+    /// Requested scopes that were dropped, with reasons.
+    pub denied_scopes: Vec<DeniedScope>,
+    /// Lifetime of each run token.
+    pub token_ttl: SignedDuration,
+    /// When the run started (its deadline counts from here).
+    pub started_at: Timestamp,
+    /// The hard deadline.
+    pub deadline: Timestamp,
+    /// The Allow grants that contributed, sorted.
+    pub grants: Vec<String>,
+    /// Principal first, then acting run identities, outermost (oldest) first; the last is this run.
+    pub delegation_chain: Vec<String>,
+    /// How many further sub-agent hops this run may start.
+    pub remaining_delegation_depth: u32,
+}
+
+/// The outcome of [`authorize`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    Authorized(Authorization),
+    Denied(Refusal),
+}
+
+impl Decision {
+    pub fn is_authorized(&self) -> bool {
+        matches!(self, Decision::Authorized(_))
+    }
+}
+
+/// The run identity of a run.
+pub fn run_identity(trust_domain: &str, namespace: &str, agent: &str, run: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/agent/{agent}/run/{run}")
+}
+
+fn deny(reason: Reason, message: impl Into<String>) -> Decision {
+    Decision::Denied(Refusal { reason, message: message.into(), denied_scopes: vec![] })
+}
+
+/// A grant's spec, parsed.
+struct ParsedGrant<'a> {
+    name: &'a str,
+    scopes: Vec<Scope>,
+    audiences: &'a [String],
+    max_token_ttl: Option<SignedDuration>,
+    max_run_duration: Option<SignedDuration>,
+    max_depth: u32,
+    expires_at: Option<Timestamp>,
+}
+
+enum GrantTime {
+    InForce,
+    NotYet,
+    Expired,
+}
+
+fn parse_time(s: &str) -> Result<Timestamp, String> {
+    s.parse::<Timestamp>().map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))
+}
+
+fn parse_grant(g: &DelegationGrant, now: Timestamp) -> Result<(ParsedGrant<'_>, GrantTime), String> {
+    let spec = &g.spec;
+    let scopes = scope::parse_all(&spec.scopes).map_err(|e| e.to_string())?;
+    let dur = |v: &Option<String>| v.as_deref().map(duration::parse).transpose().map_err(|e| e.to_string());
+    let not_before = spec.not_before.as_deref().map(parse_time).transpose()?;
+    let expires_at = spec.expires_at.as_deref().map(parse_time).transpose()?;
+    let time = match (not_before, expires_at) {
+        (Some(nb), _) if now < nb => GrantTime::NotYet,
+        (_, Some(exp)) if now >= exp => GrantTime::Expired,
+        _ => GrantTime::InForce,
+    };
+    Ok((
+        ParsedGrant {
+            name: g.metadata.name.as_deref().unwrap_or(""),
+            scopes,
+            audiences: &spec.audiences,
+            max_token_ttl: dur(&spec.max_token_ttl)?,
+            max_run_duration: dur(&spec.max_run_duration)?,
+            max_depth: spec.max_delegation_depth.unwrap_or(0),
+            expires_at,
+        },
+        time,
+    ))
+}
+
+/// Container images named by a pod template (containers, init and ephemeral containers).
+pub fn template_images(template: &serde_json::Value) -> Result<Vec<String>, String> {
+    let spec = template
+        .get("spec")
+        .ok_or_else(|| "template has no spec".to_string())?;
+    let mut images = vec![];
+    for list in ["initContainers", "containers", "ephemeralContainers"] {
+        let Some(items) = spec.get(list) else { continue };
+        let items = items
+            .as_array()
+            .ok_or_else(|| format!("template.spec.{list} is not a list"))?;
+        for (i, c) in items.iter().enumerate() {
+            let image = c
+                .get("image")
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| format!("template.spec.{list}[{i}] has no image"))?;
+            images.push(image.to_string());
+        }
+    }
+    if !spec.get("containers").and_then(|c| c.as_array()).is_some_and(|c| !c.is_empty()) {
+        return Err("template.spec.containers is empty".to_string());
+    }
+    Ok(images)
+}
+
+/// Whether `image` matches an Agent image pattern (exact, or a prefix ending in `*`).
+pub fn image_allowed(image: &str, patterns: &[String]) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => image.starts_with(prefix),
+        None => image == p,
+    })
+}
+
+/// Decides whether `input.run` may act, and with what authority.
+pub fn authorize(input: Input<'_>) -> Decision {
+    let Input { run, agent, grants, parent, now, policy } = input;
+    let spec = &run.spec;
+    let namespace = run.metadata.namespace.as_deref().unwrap_or("default");
+    let run_name = run.metadata.name.as_deref().unwrap_or("");
+
+    // 1. The run's own spec.
+    let requested = match scope::parse_all(&spec.scopes) {
+        Ok(s) if !s.is_empty() => s,
+        Ok(_) => return deny(Reason::InvalidSpec, "spec.scopes is empty"),
+        Err(e) => return deny(Reason::InvalidSpec, format!("spec.scopes: {e}")),
+    };
+    if spec.audiences.is_empty() || spec.audiences.iter().any(|a| a.is_empty()) {
+        return deny(Reason::InvalidSpec, "spec.audiences must name at least one non-empty audience");
+    }
+    let run_ttl = match spec.token_ttl.as_deref().map(duration::parse).transpose() {
+        Ok(t) => t,
+        Err(e) => return deny(Reason::InvalidSpec, format!("spec.tokenTTL: {e}")),
+    };
+    let max_duration = match duration::parse(&spec.max_duration) {
+        Ok(d) => d,
+        Err(e) => return deny(Reason::InvalidSpec, format!("spec.maxDuration: {e}")),
+    };
+    let Some(template) = spec.template.as_ref() else {
+        return deny(Reason::InvalidSpec, "spec.template is required");
+    };
+    let images = match template_images(template) {
+        Ok(i) => i,
+        Err(e) => return deny(Reason::InvalidSpec, format!("spec.{e}")),
+    };
+
+    // 2. The Agent.
+    let Some(agent) = agent else {
+        return deny(Reason::AgentNotFound, format!("Agent {:?} does not exist in namespace {namespace}", spec.agent));
+    };
+    if agent.metadata.deletion_timestamp.is_some() {
+        return deny(Reason::AgentDeleted, format!("Agent {:?} is being deleted", spec.agent));
+    }
+    let ceiling = match scope::parse_all(&agent.spec.scopes) {
+        Ok(s) => s,
+        Err(e) => return deny(Reason::InvalidAgent, format!("Agent {:?} spec.scopes: {e}", spec.agent)),
+    };
+    let agent_ttl = match duration::parse(&agent.spec.max_token_ttl) {
+        Ok(d) => d,
+        Err(e) => return deny(Reason::InvalidAgent, format!("Agent {:?} spec.maxTokenTTL: {e}", spec.agent)),
+    };
+    if let Some(bad) = images.iter().find(|i| !image_allowed(i, &agent.spec.images)) {
+        return deny(Reason::ImageNotAllowed, format!("image {bad:?} is not allowed by Agent {:?}", spec.agent));
+    }
+
+    // 3. The parent, for a sub-agent run.
+    let identity = run_identity(&policy.trust_domain, namespace, &spec.agent, run_name);
+    let mut parent_bounds = None;
+    if let Some(parent_name) = spec.parent_run.as_deref() {
+        let Some(parent) = parent else {
+            return deny(Reason::ParentNotFound, format!("parent run {parent_name:?} does not exist"));
+        };
+        let pstatus = parent.status.clone().unwrap_or_default();
+        if !pstatus.phase.is_some_and(RunPhase::is_active) {
+            return deny(Reason::ParentNotActive, format!("parent run {parent_name:?} is not active"));
+        }
+        if parent.spec.principal != spec.principal {
+            return deny(
+                Reason::ParentPrincipalMismatch,
+                format!("parent run {parent_name:?} acts for {:?}, not {:?}", parent.spec.principal, spec.principal),
+            );
+        }
+        let remaining = pstatus.remaining_delegation_depth.unwrap_or(0);
+        if remaining == 0 {
+            return deny(
+                Reason::DelegationDepthExceeded,
+                format!("parent run {parent_name:?} may not delegate further (maxDelegationDepth reached)"),
+            );
+        }
+        let pscopes = scope::parse_all(&pstatus.granted_scopes).unwrap_or_default();
+        let pttl = pstatus.token_ttl.as_deref().and_then(|t| duration::parse(t).ok());
+        parent_bounds = Some((pscopes, pstatus.granted_audiences, pttl, pstatus.deadline, remaining - 1, pstatus.delegation_chain));
+    }
+
+    // 4. Grants for (principal, agent).
+    let mut allows = vec![];
+    let mut denies = vec![];
+    let (mut not_yet, mut expired) = (false, false);
+    for g in grants {
+        if g.spec.principal != spec.principal || g.spec.agent != spec.agent || g.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        match (parse_grant(g, now), g.spec.effect) {
+            (Ok((p, GrantTime::InForce)), Effect::Allow) => allows.push(p),
+            (Ok((p, GrantTime::InForce)), Effect::Deny) => denies.push(p),
+            (Ok((_, GrantTime::NotYet)), Effect::Allow) => not_yet = true,
+            (Ok((_, GrantTime::Expired)), Effect::Allow) => expired = true,
+            (Ok(_), Effect::Deny) => {}
+            (Err(_), Effect::Allow) => {}
+            (Err(e), Effect::Deny) => {
+                let name = g.metadata.name.as_deref().unwrap_or("");
+                return deny(Reason::InvalidDenyGrant, format!("Deny grant {name:?} is malformed ({e}); failing closed"));
+            }
+        }
+    }
+    if let Some(d) = denies.iter().find(|d| d.scopes.is_empty() && d.audiences.is_empty()) {
+        return deny(
+            Reason::DeniedByGrant,
+            format!("grant {:?} denies {} the use of agent {:?}", d.name, spec.principal, spec.agent),
+        );
+    }
+    if allows.is_empty() {
+        let (reason, what) = if not_yet {
+            (Reason::GrantNotYetValid, "is not in force yet")
+        } else if expired {
+            (Reason::GrantExpired, "has expired")
+        } else {
+            (Reason::NoGrant, "exists")
+        };
+        let msg = if reason == Reason::NoGrant {
+            format!("no Allow grant for principal {:?} and agent {:?} exists", spec.principal, spec.agent)
+        } else {
+            format!("every Allow grant for principal {:?} and agent {:?} {what}", spec.principal, spec.agent)
+        };
+        return deny(reason, msg);
+    }
+
+    // 5. Scopes: requested ∩ ceiling ∩ ⋃allow − ⋃deny (∩ parent).
+    let granted_union: Vec<Scope> = allows.iter().flat_map(|g| g.scopes.iter().cloned()).collect();
+    // A deny grant that names only audiences takes no scopes away.
+    let denied_union: Vec<(&str, &Scope)> = denies
+        .iter()
+        .filter(|d| !d.scopes.is_empty())
+        .flat_map(|d| d.scopes.iter().map(move |s| (d.name, s)))
+        .collect();
+    let mut effective = vec![];
+    let mut denied_scopes = vec![];
+    for r in &requested {
+        let mut step = scope::intersect_sets(std::slice::from_ref(r), &ceiling);
+        let mut why = scope_reason::NOT_IN_AGENT_CEILING;
+        if !step.is_empty() {
+            step = scope::intersect_sets(&step, &granted_union);
+            why = scope_reason::NOT_GRANTED;
+        }
+        if !step.is_empty() {
+            step.retain(|s| !denied_union.iter().any(|(_, d)| s.overlaps(d)));
+            why = scope_reason::DENIED_BY_GRANT;
+        }
+        if let (false, Some((pscopes, ..))) = (step.is_empty(), parent_bounds.as_ref()) {
+            step = scope::intersect_sets(&step, pscopes);
+            why = scope_reason::NOT_HELD_BY_PARENT;
+        }
+        if step.is_empty() {
+            denied_scopes.push(DeniedScope { scope: r.to_string(), reason: why.to_string() });
+        }
+        effective.extend(step);
+    }
+    scope::minimise(&mut effective);
+    if effective.is_empty() {
+        let all_denied = !denied_scopes.is_empty() && denied_scopes.iter().all(|d| d.reason == scope_reason::DENIED_BY_GRANT);
+        let reason = if all_denied { Reason::DeniedByGrant } else { Reason::NoScopesGranted };
+        return Decision::Denied(Refusal {
+            reason,
+            message: format!("none of the requested scopes may be held: {}", summarise(&denied_scopes)),
+            denied_scopes,
+        });
+    }
+
+    // Audiences: requested ∩ agent ∩ ⋃allow − ⋃deny (∩ parent).
+    let mut audiences: Vec<String> = spec
+        .audiences
+        .iter()
+        .filter(|a| agent.spec.audiences.contains(a))
+        .filter(|a| allows.iter().any(|g| g.audiences.contains(a)))
+        .filter(|a| !denies.iter().any(|d| d.audiences.contains(a) || (d.audiences.is_empty() && d.scopes.is_empty())))
+        .filter(|a| parent_bounds.as_ref().is_none_or(|(_, paud, ..)| paud.contains(a)))
+        .cloned()
+        .collect();
+    audiences.sort();
+    audiences.dedup();
+    if audiences.is_empty() {
+        return Decision::Denied(Refusal {
+            reason: Reason::NoAudienceGranted,
+            message: format!("none of the requested audiences {:?} may be used", spec.audiences),
+            denied_scopes,
+        });
+    }
+
+    // The grants that contributed: those granting an effective scope for a granted audience.
+    let contributing: Vec<&ParsedGrant<'_>> = allows
+        .iter()
+        .filter(|g| effective.iter().any(|e| g.scopes.iter().any(|s| e.overlaps(s))))
+        .collect();
+
+    // 6./7. Lifetimes.
+    let started_at = run.status.as_ref().and_then(|s| s.started_at).unwrap_or(now);
+    let mut ttl = run_ttl.unwrap_or(policy.default_token_ttl).min(agent_ttl).min(policy.max_token_ttl);
+    let mut deadline = add(started_at, max_duration.min(policy.max_run_duration));
+    let mut depth = u32::MAX;
+    for g in &contributing {
+        if let Some(t) = g.max_token_ttl {
+            ttl = ttl.min(t);
+        }
+        if let Some(d) = g.max_run_duration {
+            deadline = deadline.min(add(started_at, d));
+        }
+        if let Some(exp) = g.expires_at {
+            deadline = deadline.min(exp);
+        }
+        depth = depth.min(g.max_depth);
+    }
+    let mut chain = vec![spec.principal.clone()];
+    if let Some((_, _, pttl, pdeadline, premaining, pchain)) = parent_bounds {
+        if let Some(t) = pttl {
+            ttl = ttl.min(t);
+        }
+        if let Some(d) = pdeadline {
+            deadline = deadline.min(d);
+        }
+        depth = depth.min(premaining);
+        // The parent's chain already starts with the principal.
+        chain = if pchain.is_empty() { chain } else { pchain };
+    }
+    chain.push(identity.clone());
+    let mut grant_names: Vec<String> = contributing.iter().map(|g| g.name.to_string()).collect();
+    grant_names.sort();
+
+    Decision::Authorized(Authorization {
+        identity,
+        scopes: effective,
+        audiences,
+        denied_scopes,
+        token_ttl: ttl,
+        started_at,
+        deadline,
+        grants: grant_names,
+        delegation_chain: chain,
+        remaining_delegation_depth: depth,
+    })
+}
+
+fn add(t: Timestamp, d: SignedDuration) -> Timestamp {
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
+}
+
+fn summarise(denied: &[DeniedScope]) -> String {
+    denied
+        .iter()
+        .map(|d| format!("{} ({})", d.scope, d.reason))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,16 @@
+//! Deputy: a Kubernetes operator that gives every AI-agent run its own short-lived identity
+//! carrying the consent of the human it acts for (OAuth 2.0 Token Exchange, RFC 8693).
+//!
+//! Modules, one per concern:
+//! - [`resources`]: the `deputy.dev/v1alpha1` custom resources and their CRDs;
+//! - [`scope`], [`duration`]: the small grammars users write in those resources;
+//! - [`authorization`]: the pure decision engine (run ∩ agent ∩ grants ∩ parent);
+//! - [`tokens`]: claims, signing keys, minting and verification of JWTs;
+//! - [`cli`]: the `deputy` command line.
+
+pub mod authorization;
+pub mod cli;
+pub mod duration;
+pub mod resources;
+pub mod scope;
+pub mod tokens;
