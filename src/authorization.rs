@@ -18,10 +18,10 @@
 //!    A requested pattern that overlaps a denied one is dropped whole (patterns cannot
 //!    express "P:* except Q").
 //! 6. Every container image of the template must match one of the Agent's image patterns.
-//! 7. TTL = min(run, agent, contributing grants, parent, global); deadline = min(start +
-//!    maxDuration, start + grants' maxRunDuration, grants' expiresAt, parent deadline, start
-//!    + global maximum). A run left with no scope or no audience is denied, never given an
-//!    empty token.
+//! 7. TTL = min(run, agent, contributing grants, parent, global); deadline = min(start plus
+//!    maxDuration, start plus the grants' maxRunDuration, the grants' expiresAt, the parent's
+//!    deadline, start plus the global maximum). A run left with no scope or no audience is
+//!    denied, never given an empty token.
 
 use jiff::{SignedDuration, Timestamp};
 
@@ -130,10 +130,7 @@ impl Reason {
     /// Whether a *pending* run should wait for a change (something it names may still be
     /// created) rather than be denied for good. An active run loses its authority either way.
     pub fn is_transient(self) -> bool {
-        matches!(
-            self,
-            Reason::AgentNotFound | Reason::NoGrant | Reason::GrantNotYetValid | Reason::ParentNotFound
-        )
+        matches!(self, Reason::AgentNotFound | Reason::NoGrant | Reason::GrantNotYetValid | Reason::ParentNotFound)
     }
 }
 
@@ -176,6 +173,28 @@ pub struct Authorization {
     pub delegation_chain: Vec<String>,
     /// How many further sub-agent hops this run may start.
     pub remaining_delegation_depth: u32,
+}
+
+impl Authorization {
+    /// Records this authorisation in a run's status (the fields a child run's decision
+    /// later reads back: scopes, audiences, TTL, deadline, chain, remaining depth).
+    pub fn record_in(&self, status: &mut crate::resources::AgentRunStatus) {
+        status.identity = Some(self.identity.clone());
+        status.grant = Some(self.grants.join(","));
+        status.granted_scopes = self.scopes.iter().map(Scope::to_string).collect();
+        status.granted_audiences = self.audiences.clone();
+        status.denied_scopes = self.denied_scopes.clone();
+        status.delegation_chain = self.delegation_chain.clone();
+        status.remaining_delegation_depth = Some(self.remaining_delegation_depth);
+        status.token_ttl = Some(duration::format(self.token_ttl));
+        status.started_at = Some(self.started_at);
+        status.deadline = Some(self.deadline);
+    }
+
+    /// The acting run identities, chronological (the delegation chain without the principal).
+    pub fn actors(&self) -> &[String] {
+        self.delegation_chain.get(1..).unwrap_or(&[])
+    }
 }
 
 /// The outcome of [`authorize`].
@@ -248,15 +267,11 @@ fn parse_grant(g: &DelegationGrant, now: Timestamp) -> Result<(ParsedGrant<'_>, 
 
 /// Container images named by a pod template (containers, init and ephemeral containers).
 pub fn template_images(template: &serde_json::Value) -> Result<Vec<String>, String> {
-    let spec = template
-        .get("spec")
-        .ok_or_else(|| "template has no spec".to_string())?;
+    let spec = template.get("spec").ok_or_else(|| "template has no spec".to_string())?;
     let mut images = vec![];
     for list in ["initContainers", "containers", "ephemeralContainers"] {
         let Some(items) = spec.get(list) else { continue };
-        let items = items
-            .as_array()
-            .ok_or_else(|| format!("template.spec.{list} is not a list"))?;
+        let items = items.as_array().ok_or_else(|| format!("template.spec.{list} is not a list"))?;
         for (i, c) in items.iter().enumerate() {
             let image = c
                 .get("image")
@@ -266,7 +281,7 @@ pub fn template_images(template: &serde_json::Value) -> Result<Vec<String>, Stri
             images.push(image.to_string());
         }
     }
-    if !spec.get("containers").and_then(|c| c.as_array()).is_some_and(|c| !c.is_empty()) {
+    if spec.get("containers").and_then(|c| c.as_array()).is_none_or(|c| c.is_empty()) {
         return Err("template.spec.containers is empty".to_string());
     }
     Ok(images)
@@ -357,7 +372,8 @@ pub fn authorize(input: Input<'_>) -> Decision {
         }
         let pscopes = scope::parse_all(&pstatus.granted_scopes).unwrap_or_default();
         let pttl = pstatus.token_ttl.as_deref().and_then(|t| duration::parse(t).ok());
-        parent_bounds = Some((pscopes, pstatus.granted_audiences, pttl, pstatus.deadline, remaining - 1, pstatus.delegation_chain));
+        parent_bounds =
+            Some((pscopes, pstatus.granted_audiences, pttl, pstatus.deadline, remaining - 1, pstatus.delegation_chain));
     }
 
     // 4. Grants for (principal, agent).
@@ -377,7 +393,10 @@ pub fn authorize(input: Input<'_>) -> Decision {
             (Err(_), Effect::Allow) => {}
             (Err(e), Effect::Deny) => {
                 let name = g.metadata.name.as_deref().unwrap_or("");
-                return deny(Reason::InvalidDenyGrant, format!("Deny grant {name:?} is malformed ({e}); failing closed"));
+                return deny(
+                    Reason::InvalidDenyGrant,
+                    format!("Deny grant {name:?} is malformed ({e}); failing closed"),
+                );
             }
         }
     }
@@ -435,7 +454,8 @@ pub fn authorize(input: Input<'_>) -> Decision {
     }
     scope::minimise(&mut effective);
     if effective.is_empty() {
-        let all_denied = !denied_scopes.is_empty() && denied_scopes.iter().all(|d| d.reason == scope_reason::DENIED_BY_GRANT);
+        let all_denied =
+            !denied_scopes.is_empty() && denied_scopes.iter().all(|d| d.reason == scope_reason::DENIED_BY_GRANT);
         let reason = if all_denied { Reason::DeniedByGrant } else { Reason::NoScopesGranted };
         return Decision::Denied(Refusal {
             reason,
@@ -465,10 +485,8 @@ pub fn authorize(input: Input<'_>) -> Decision {
     }
 
     // The grants that contributed: those granting an effective scope for a granted audience.
-    let contributing: Vec<&ParsedGrant<'_>> = allows
-        .iter()
-        .filter(|g| effective.iter().any(|e| g.scopes.iter().any(|s| e.overlaps(s))))
-        .collect();
+    let contributing: Vec<&ParsedGrant<'_>> =
+        allows.iter().filter(|g| effective.iter().any(|e| g.scopes.iter().any(|s| e.overlaps(s)))).collect();
 
     // 6./7. Lifetimes.
     let started_at = run.status.as_ref().and_then(|s| s.started_at).unwrap_or(now);
@@ -522,11 +540,7 @@ fn add(t: Timestamp, d: SignedDuration) -> Timestamp {
 }
 
 fn summarise(denied: &[DeniedScope]) -> String {
-    denied
-        .iter()
-        .map(|d| format!("{} ({})", d.scope, d.reason))
-        .collect::<Vec<_>>()
-        .join(", ")
+    denied.iter().map(|d| format!("{} ({})", d.scope, d.reason)).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

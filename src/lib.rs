@@ -11,6 +11,7 @@
 pub mod authorization;
 pub mod cli;
 pub mod duration;
+pub mod http_client;
 pub mod resources;
 pub mod scope;
 pub mod tokens;

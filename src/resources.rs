@@ -10,6 +10,9 @@
 //! `///` comments on fields are user-facing: they become the CRD descriptions that
 //! `kubectl explain` shows.
 
+// kube-derive's repeated `printcolumn(...)` arguments trip this lint; they are not duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use jiff::Timestamp;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -23,8 +26,7 @@ pub const VERSION: &str = "v1alpha1";
 /// CEL: a duration in Deputy's grammar (`90s`, `15m`, `1h30m`), which is also a valid Go
 /// duration, so CEL's `duration()` accepts it.
 const DURATION_RULE: &str = "self.matches('^([0-9]{1,6}[hms]){1,3}$')";
-const DURATION_MESSAGE: &str =
-    "must be a duration made of hours, minutes and seconds, such as 90s, 15m or 1h30m";
+const DURATION_MESSAGE: &str = "must be a duration made of hours, minutes and seconds, such as 90s, 15m or 1h30m";
 /// The regular expression every scope pattern matches (see `crate::scope` for the grammar).
 pub const SCOPE_PATTERN: &str = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$";
 
@@ -60,7 +62,10 @@ pub struct AgentSpec {
     /// principal granted. A scope is colon-separated segments (`compliance:audit`); a final
     /// `:*` matches one or more further segments (`compliance:*` matches `compliance:audit`
     /// and `compliance:audit:cross_dept`, but not `compliance`).
-    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$")))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$"))
+    )]
     pub scopes: Vec<String>,
 
     /// Audiences (downstream services) a run of this agent may obtain tokens for.
@@ -156,7 +161,10 @@ pub struct DelegationGrantSpec {
 
     /// Scope patterns granted (Allow) or taken away (Deny; empty means every scope).
     #[serde(default)]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$")))]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$"))
+    )]
     pub scopes: Vec<String>,
 
     /// Audiences granted (Allow) or taken away (Deny; empty means every audience).
@@ -272,7 +280,10 @@ pub struct AgentRunSpec {
 
     /// Scopes the run asks for. It receives their intersection with the Agent's ceiling, the
     /// principal's grants (and its parent run's scopes); a run left with none is Denied.
-    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$")))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$"))
+    )]
     pub scopes: Vec<String>,
 
     /// Audiences (downstream services) the run needs tokens for.
@@ -345,10 +356,7 @@ impl RunPhase {
     }
     /// Terminal phases are final.
     pub fn is_terminal(self) -> bool {
-        !matches!(
-            self,
-            RunPhase::Pending | RunPhase::Authorized | RunPhase::Running
-        )
+        !matches!(self, RunPhase::Pending | RunPhase::Authorized | RunPhase::Running)
     }
     /// The phase as it appears in the API.
     pub fn as_str(self) -> &'static str {
@@ -479,7 +487,14 @@ pub struct Condition {
 
 impl Condition {
     /// A new condition with the given truth value.
-    pub fn new(type_: &str, status: bool, reason: &str, message: impl Into<String>, now: Timestamp, generation: Option<i64>) -> Self {
+    pub fn new(
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+        now: Timestamp,
+        generation: Option<i64>,
+    ) -> Self {
         Condition {
             type_: type_.to_string(),
             status: if status { "True" } else { "False" }.to_string(),
@@ -566,10 +581,7 @@ mod tests {
     #[test]
     fn crds_carry_short_names_status_and_cel_rules() {
         let crds = crds();
-        let shorts: Vec<_> = crds
-            .iter()
-            .map(|c| c.spec.names.short_names.clone().unwrap_or_default())
-            .collect();
+        let shorts: Vec<_> = crds.iter().map(|c| c.spec.names.short_names.clone().unwrap_or_default()).collect();
         assert_eq!(shorts, vec![vec!["agent".to_string()], vec!["dg".to_string()], vec!["ar".to_string()]]);
         for crd in &crds {
             let v = &crd.spec.versions[0];

@@ -68,10 +68,7 @@ impl Scope {
             if part.contains('*') {
                 return Err(ScopeError::MisplacedWildcard(s.to_string()));
             }
-            if !part
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'))
-            {
+            if !part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/')) {
                 return Err(ScopeError::BadCharacter(s.to_string()));
             }
             segments.push(part.to_string());
@@ -146,10 +143,7 @@ pub fn parse_all<S: AsRef<str>>(items: &[S]) -> Result<Vec<Scope>, ScopeError> {
 /// The intersection of two unions of patterns, as a minimal union (no member is a subset
 /// of another), sorted.
 pub fn intersect_sets(a: &[Scope], b: &[Scope]) -> Vec<Scope> {
-    let mut out: Vec<Scope> = a
-        .iter()
-        .flat_map(|x| b.iter().filter_map(move |y| x.intersect(y)))
-        .collect();
+    let mut out: Vec<Scope> = a.iter().flat_map(|x| b.iter().filter_map(move |y| x.intersect(y))).collect();
     minimise(&mut out);
     out
 }
@@ -159,11 +153,7 @@ pub fn minimise(set: &mut Vec<Scope>) {
     set.sort();
     set.dedup();
     let snapshot = set.clone();
-    set.retain(|s| {
-        !snapshot
-            .iter()
-            .any(|other| other != s && s.is_subset_of(other))
-    });
+    set.retain(|s| !snapshot.iter().any(|other| other != s && s.is_subset_of(other)));
 }
 
 /// Whether the union `set` covers `scope` entirely.
@@ -188,13 +178,7 @@ mod tests {
 
     #[test]
     fn grammar() {
-        let ok = [
-            "compliance",
-            "compliance:audit",
-            "compliance:audit:cross_dept",
-            "compliance:*",
-            "a.b-c/d:E_9:*",
-        ];
+        let ok = ["compliance", "compliance:audit", "compliance:audit:cross_dept", "compliance:*", "a.b-c/d:E_9:*"];
         for x in ok {
             assert_eq!(Scope::parse(x).map(|p| p.to_string()).as_deref(), Ok(x), "{x}");
         }
@@ -261,7 +245,8 @@ mod tests {
     #[test]
     fn set_intersection_is_minimal() {
         let a = parse_all(&["compliance:*", "marketing:read"]).unwrap();
-        let b = parse_all(&["compliance:audit:*", "compliance:audit:x", "compliance:privacy:check", "marketing:*"]).unwrap();
+        let b = parse_all(&["compliance:audit:*", "compliance:audit:x", "compliance:privacy:check", "marketing:*"])
+            .unwrap();
         let got: Vec<String> = intersect_sets(&a, &b).iter().map(|x| x.to_string()).collect();
         assert_eq!(got, ["compliance:audit:*", "compliance:privacy:check", "marketing:read"]);
     }

@@ -1,1 +1,720 @@
-#[test] fn placeholder_compiles() {}
+//! Table-driven tests of every authorisation rule and its edges.
+
+use jiff::{SignedDuration, Timestamp};
+use kube::api::ObjectMeta;
+use serde_json::json;
+
+use super::*;
+use crate::resources::{AgentRunSpec, AgentRunStatus, AgentSpec, DelegationGrantSpec};
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn now() -> Timestamp {
+    t("2026-11-23T12:00:00Z")
+}
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some("marketing".into()),
+        uid: Some(format!("uid-{name}")),
+        ..Default::default()
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn agent(name: &str, scopes: &[&str], audiences: &[&str]) -> Agent {
+    Agent {
+        metadata: meta(name),
+        spec: AgentSpec {
+            description: None,
+            scopes: strings(scopes),
+            audiences: strings(audiences),
+            max_token_ttl: "15m".into(),
+            images: strings(&["registry.example.com/agents/*"]),
+            automount_service_account_token: false,
+        },
+        status: None,
+    }
+}
+
+fn grant(name: &str, effect: Effect, scopes: &[&str], audiences: &[&str]) -> DelegationGrant {
+    DelegationGrant {
+        metadata: meta(name),
+        spec: DelegationGrantSpec {
+            principal: "alice@example.com".into(),
+            agent: "gdpr".into(),
+            effect,
+            scopes: strings(scopes),
+            audiences: strings(audiences),
+            max_token_ttl: None,
+            max_run_duration: None,
+            max_delegation_depth: None,
+            not_before: None,
+            expires_at: None,
+        },
+        status: None,
+    }
+}
+
+fn allow(name: &str, scopes: &[&str]) -> DelegationGrant {
+    grant(name, Effect::Allow, scopes, &["svc"])
+}
+
+fn run(name: &str, scopes: &[&str]) -> AgentRun {
+    AgentRun {
+        metadata: meta(name),
+        spec: AgentRunSpec {
+            agent: "gdpr".into(),
+            principal: "alice@example.com".into(),
+            task: "check".into(),
+            scopes: strings(scopes),
+            audiences: strings(&["svc"]),
+            token_ttl: Some("10m".into()),
+            max_duration: "1h".into(),
+            parent_run: None,
+            template: Some(
+                json!({"spec": {"containers": [{"name": "agent", "image": "registry.example.com/agents/gdpr@sha256:abc"}]}}),
+            ),
+        },
+        status: None,
+    }
+}
+
+struct Case {
+    name: &'static str,
+    run: AgentRun,
+    agent: Option<Agent>,
+    grants: Vec<DelegationGrant>,
+    parent: Option<AgentRun>,
+}
+
+fn decide(c: &Case) -> Decision {
+    authorize(Input {
+        run: &c.run,
+        agent: c.agent.as_ref(),
+        grants: &c.grants,
+        parent: c.parent.as_ref(),
+        now: now(),
+        policy: &Policy::default(),
+    })
+}
+
+fn case(name: &'static str, run: AgentRun, agent: Agent, grants: Vec<DelegationGrant>) -> Case {
+    Case { name, run, agent: Some(agent), grants, parent: None }
+}
+
+fn granted(d: &Decision) -> Vec<String> {
+    match d {
+        Decision::Authorized(a) => a.scopes.iter().map(|s| s.to_string()).collect(),
+        Decision::Denied(r) => panic!("denied: {r:?}"),
+    }
+}
+
+fn reason(d: &Decision) -> Reason {
+    match d {
+        Decision::Denied(r) => r.reason,
+        Decision::Authorized(a) => panic!("authorized: {a:?}"),
+    }
+}
+
+fn gdpr_agent() -> Agent {
+    agent("gdpr", &["compliance:*", "marketing:read"], &["svc", "other-svc"])
+}
+
+#[test]
+fn scope_intersections() {
+    // (case, expected granted scopes, expected denied (scope, reason))
+    type Row = (Case, Vec<&'static str>, Vec<(&'static str, &'static str)>);
+    let table: Vec<Row> = vec![
+        (
+            case(
+                "agent capability beyond the user's: the ceiling allows, the grant narrows",
+                run("r", &["compliance:audit:cross_dept", "compliance:privacy:check"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:audit:*", "compliance:privacy:check"])],
+            ),
+            vec!["compliance:audit:cross_dept", "compliance:privacy:check"],
+            vec![],
+        ),
+        (
+            case(
+                "wildcard request narrowed to the grant's deeper wildcard",
+                run("r", &["compliance:*"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:audit:*"])],
+            ),
+            vec!["compliance:audit:*"],
+            vec![],
+        ),
+        (
+            case(
+                "a wildcard never matches its own prefix",
+                run("r", &["compliance", "compliance:audit"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:*"])],
+            ),
+            vec!["compliance:audit"],
+            vec![("compliance", scope_reason::NOT_IN_AGENT_CEILING)],
+        ),
+        (
+            case(
+                "wildcards at three depths intersect to the deepest",
+                run("r", &["compliance:audit:*"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:audit:cross_dept:*"])],
+            ),
+            vec!["compliance:audit:cross_dept:*"],
+            vec![],
+        ),
+        (
+            case(
+                "not in the agent ceiling even though granted",
+                run("r", &["finance:read", "compliance:audit"]),
+                gdpr_agent(),
+                vec![allow("g", &["finance:read", "compliance:*"])],
+            ),
+            vec!["compliance:audit"],
+            vec![("finance:read", scope_reason::NOT_IN_AGENT_CEILING)],
+        ),
+        (
+            case(
+                "in the ceiling but not granted by the principal",
+                run("r", &["marketing:read", "compliance:audit"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:*"])],
+            ),
+            vec!["compliance:audit"],
+            vec![("marketing:read", scope_reason::NOT_GRANTED)],
+        ),
+        (
+            case(
+                "several Allow grants whose union is needed",
+                run("r", &["marketing:read", "compliance:audit"]),
+                gdpr_agent(),
+                vec![allow("g1", &["compliance:*"]), allow("g2", &["marketing:read"])],
+            ),
+            vec!["compliance:audit", "marketing:read"],
+            vec![],
+        ),
+        (
+            case(
+                "Deny beside Allow: the denied scope goes, the rest stays",
+                run("r", &["compliance:audit", "compliance:privacy:check"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:*"]), grant("no-audit", Effect::Deny, &["compliance:audit"], &[])],
+            ),
+            vec!["compliance:privacy:check"],
+            vec![("compliance:audit", scope_reason::DENIED_BY_GRANT)],
+        ),
+        (
+            case(
+                "a requested pattern overlapping a denied scope is dropped whole",
+                run("r", &["compliance:*", "marketing:read"]),
+                gdpr_agent(),
+                vec![
+                    allow("g", &["compliance:*", "marketing:read"]),
+                    grant("d", Effect::Deny, &["compliance:audit:cross_dept"], &[]),
+                ],
+            ),
+            vec!["marketing:read"],
+            vec![("compliance:*", scope_reason::DENIED_BY_GRANT)],
+        ),
+        (
+            case(
+                "a Deny naming only audiences takes no scope away",
+                run("r", &["compliance:audit"]),
+                gdpr_agent(),
+                vec![
+                    grant("g", Effect::Allow, &["compliance:*"], &["svc", "other-svc"]),
+                    grant("d", Effect::Deny, &[], &["other-svc"]),
+                ],
+            ),
+            vec!["compliance:audit"],
+            vec![],
+        ),
+        (
+            case(
+                "duplicates and covered requests collapse",
+                run("r", &["compliance:audit", "compliance:audit", "compliance:*"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:*"])],
+            ),
+            vec!["compliance:*"],
+            vec![],
+        ),
+    ];
+    for (c, want, want_denied) in table {
+        let d = decide(&c);
+        assert_eq!(granted(&d), want, "{}", c.name);
+        let Decision::Authorized(a) = d else { unreachable!() };
+        let denied: Vec<(&str, &str)> = a.denied_scopes.iter().map(|d| (d.scope.as_str(), d.reason.as_str())).collect();
+        assert_eq!(denied, want_denied, "{}", c.name);
+    }
+}
+
+#[test]
+fn refusals() {
+    let mut expired = allow("g", &["compliance:*"]);
+    expired.spec.expires_at = Some("2026-11-23T12:00:00Z".into()); // exactly now: no longer in force
+    let mut future = allow("g", &["compliance:*"]);
+    future.spec.not_before = Some("2026-11-23T12:00:01Z".into());
+    let mut other_principal = allow("g", &["compliance:*"]);
+    other_principal.spec.principal = "bob@example.com".into();
+    let mut other_agent = allow("g", &["compliance:*"]);
+    other_agent.spec.agent = "supply-chain".into();
+    let mut deleting_agent = gdpr_agent();
+    deleting_agent.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
+    let mut bad_deny = grant("d", Effect::Deny, &["compliance:audit"], &[]);
+    bad_deny.spec.expires_at = Some("tomorrow".into());
+    let mut bad_image = run("r", &["compliance:audit"]);
+    bad_image.spec.template = Some(json!({"spec": {"containers": [{"name": "a", "image": "docker.io/evil:latest"}]}}));
+    let mut bad_init_image = run("r", &["compliance:audit"]);
+    bad_init_image.spec.template = Some(json!({"spec": {
+        "initContainers": [{"name": "i", "image": "docker.io/evil:latest"}],
+        "containers": [{"name": "a", "image": "registry.example.com/agents/x"}]}}));
+    let mut no_template = run("r", &["compliance:audit"]);
+    no_template.spec.template = None;
+    let mut no_containers = run("r", &["compliance:audit"]);
+    no_containers.spec.template = Some(json!({"spec": {"containers": []}}));
+    let mut bad_ttl = run("r", &["compliance:audit"]);
+    bad_ttl.spec.token_ttl = Some("ten minutes".into());
+    let mut bad_duration = run("r", &["compliance:audit"]);
+    bad_duration.spec.max_duration = "1d".into();
+    let mut wrong_aud = run("r", &["compliance:audit"]);
+    wrong_aud.spec.audiences = strings(&["payments-service"]);
+    let mut bad_agent = gdpr_agent();
+    bad_agent.spec.scopes = strings(&["*"]);
+    let mut no_images = gdpr_agent();
+    no_images.spec.images = vec![];
+
+    let ok_grants = || vec![allow("g", &["compliance:*"])];
+    let table: Vec<(Case, Reason)> = vec![
+        (
+            Case {
+                name: "no agent",
+                run: run("r", &["compliance:audit"]),
+                agent: None,
+                grants: ok_grants(),
+                parent: None,
+            },
+            Reason::AgentNotFound,
+        ),
+        (
+            case("agent being deleted", run("r", &["compliance:audit"]), deleting_agent, ok_grants()),
+            Reason::AgentDeleted,
+        ),
+        (case("malformed agent", run("r", &["compliance:audit"]), bad_agent, ok_grants()), Reason::InvalidAgent),
+        (case("no grant at all", run("r", &["compliance:audit"]), gdpr_agent(), vec![]), Reason::NoGrant),
+        (
+            case("grant of another principal", run("r", &["compliance:audit"]), gdpr_agent(), vec![other_principal]),
+            Reason::NoGrant,
+        ),
+        (
+            case("grant for another agent", run("r", &["compliance:audit"]), gdpr_agent(), vec![other_agent]),
+            Reason::NoGrant,
+        ),
+        (
+            case("grant expiring exactly now", run("r", &["compliance:audit"]), gdpr_agent(), vec![expired]),
+            Reason::GrantExpired,
+        ),
+        (
+            case("grant not yet valid", run("r", &["compliance:audit"]), gdpr_agent(), vec![future]),
+            Reason::GrantNotYetValid,
+        ),
+        (
+            case(
+                "Deny with empty lists: Alice may not use this agent",
+                run("r", &["compliance:audit"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:*"]), grant("d", Effect::Deny, &[], &[])],
+            ),
+            Reason::DeniedByGrant,
+        ),
+        (
+            case(
+                "Deny takes every requested scope",
+                run("r", &["compliance:audit"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:*"]), grant("d", Effect::Deny, &["compliance:*"], &[])],
+            ),
+            Reason::DeniedByGrant,
+        ),
+        (
+            case(
+                "malformed Deny fails closed",
+                run("r", &["compliance:audit"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:*"]), bad_deny],
+            ),
+            Reason::InvalidDenyGrant,
+        ),
+        (
+            case("nothing requested may be held", run("r", &["finance:read"]), gdpr_agent(), ok_grants()),
+            Reason::NoScopesGranted,
+        ),
+        (case("audience not allowed", wrong_aud, gdpr_agent(), ok_grants()), Reason::NoAudienceGranted),
+        (
+            case(
+                "audience taken by a Deny",
+                run("r", &["compliance:audit"]),
+                gdpr_agent(),
+                vec![allow("g", &["compliance:*"]), grant("d", Effect::Deny, &[], &["svc"])],
+            ),
+            Reason::NoAudienceGranted,
+        ),
+        (case("image not allowed", bad_image, gdpr_agent(), ok_grants()), Reason::ImageNotAllowed),
+        (case("init container image not allowed", bad_init_image, gdpr_agent(), ok_grants()), Reason::ImageNotAllowed),
+        (
+            case("agent allows no image", run("r", &["compliance:audit"]), no_images, ok_grants()),
+            Reason::ImageNotAllowed,
+        ),
+        (case("no template", no_template, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
+        (case("no containers", no_containers, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
+        (case("malformed tokenTTL", bad_ttl, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
+        (case("malformed maxDuration", bad_duration, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
+        (case("malformed scope", run("r", &["compliance:*:audit"]), gdpr_agent(), ok_grants()), Reason::InvalidSpec),
+        (case("no scopes", run("r", &[]), gdpr_agent(), ok_grants()), Reason::InvalidSpec),
+    ];
+    for (c, want) in table {
+        let d = decide(&c);
+        assert_eq!(reason(&d), want, "{}", c.name);
+        let Decision::Denied(r) = d else { unreachable!() };
+        assert!(!r.message.is_empty(), "{}: a refusal explains itself", c.name);
+    }
+}
+
+#[test]
+fn grant_window_edges() {
+    let mut starts_now = allow("g", &["compliance:*"]);
+    starts_now.spec.not_before = Some("2026-11-23T12:00:00Z".into());
+    starts_now.spec.expires_at = Some("2026-11-23T12:00:01Z".into());
+    let d = decide(&case(
+        "notBefore exactly now is in force",
+        run("r", &["compliance:audit"]),
+        gdpr_agent(),
+        vec![starts_now],
+    ));
+    let Decision::Authorized(a) = d else { panic!("{d:?}") };
+    assert_eq!(a.deadline, t("2026-11-23T12:00:01Z"), "the grant's expiry bounds the deadline");
+
+    let mut expired = allow("old", &["compliance:*"]);
+    expired.spec.expires_at = Some("2026-11-01T00:00:00Z".into());
+    let d = decide(&case(
+        "an expired grant beside a live one is ignored",
+        run("r", &["compliance:audit"]),
+        gdpr_agent(),
+        vec![expired, allow("new", &["compliance:*"])],
+    ));
+    let Decision::Authorized(a) = d else { panic!("{d:?}") };
+    assert_eq!(a.grants, vec!["new"]);
+
+    let mut deleting = allow("g", &["compliance:*"]);
+    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
+    assert_eq!(
+        reason(&decide(&case(
+            "a grant being deleted no longer counts",
+            run("r", &["compliance:audit"]),
+            gdpr_agent(),
+            vec![deleting]
+        ))),
+        Reason::NoGrant
+    );
+
+    let mut malformed_allow = allow("bad", &["compliance:*"]);
+    malformed_allow.spec.max_token_ttl = Some("forever".into());
+    assert_eq!(
+        reason(&decide(&case(
+            "a malformed Allow grant is ignored",
+            run("r", &["compliance:audit"]),
+            gdpr_agent(),
+            vec![malformed_allow]
+        ))),
+        Reason::NoGrant
+    );
+}
+
+#[test]
+fn lifetimes_are_the_minimum_of_every_bound() {
+    struct L {
+        name: &'static str,
+        run_ttl: Option<&'static str>,
+        agent_ttl: &'static str,
+        grant_ttl: Option<&'static str>,
+        run_duration: &'static str,
+        grant_duration: Option<&'static str>,
+        want_ttl: i64,
+        want_deadline_secs: i64,
+    }
+    let table = [
+        L {
+            name: "run asks least",
+            run_ttl: Some("5m"),
+            agent_ttl: "15m",
+            grant_ttl: Some("10m"),
+            run_duration: "1h",
+            grant_duration: None,
+            want_ttl: 300,
+            want_deadline_secs: 3600,
+        },
+        L {
+            name: "grant bounds",
+            run_ttl: Some("10m"),
+            agent_ttl: "15m",
+            grant_ttl: Some("2m"),
+            run_duration: "1h",
+            grant_duration: Some("30m"),
+            want_ttl: 120,
+            want_deadline_secs: 1800,
+        },
+        L {
+            name: "agent bounds",
+            run_ttl: Some("20m"),
+            agent_ttl: "15m",
+            grant_ttl: None,
+            run_duration: "2h",
+            grant_duration: Some("3h"),
+            want_ttl: 900,
+            want_deadline_secs: 7200,
+        },
+        L {
+            name: "default ttl when the run asks none",
+            run_ttl: None,
+            agent_ttl: "15m",
+            grant_ttl: None,
+            run_duration: "1h",
+            grant_duration: None,
+            want_ttl: 600,
+            want_deadline_secs: 3600,
+        },
+        L {
+            name: "global maxima",
+            run_ttl: Some("3h"),
+            agent_ttl: "5h",
+            grant_ttl: None,
+            run_duration: "48h",
+            grant_duration: None,
+            want_ttl: 3600,
+            want_deadline_secs: 86400,
+        },
+    ];
+    for l in table {
+        let mut r = run("r", &["compliance:audit"]);
+        r.spec.token_ttl = l.run_ttl.map(String::from);
+        r.spec.max_duration = l.run_duration.into();
+        let mut a = gdpr_agent();
+        a.spec.max_token_ttl = l.agent_ttl.into();
+        let mut g = allow("g", &["compliance:*"]);
+        g.spec.max_token_ttl = l.grant_ttl.map(String::from);
+        g.spec.max_run_duration = l.grant_duration.map(String::from);
+        let Decision::Authorized(auth) = decide(&case(l.name, r, a, vec![g])) else { panic!("{}", l.name) };
+        assert_eq!(auth.token_ttl, SignedDuration::from_secs(l.want_ttl), "{}", l.name);
+        assert_eq!(auth.deadline, now() + SignedDuration::from_secs(l.want_deadline_secs), "{}", l.name);
+    }
+}
+
+#[test]
+fn only_contributing_grants_bound_the_run() {
+    let mut narrow = allow("narrow", &["marketing:read"]);
+    narrow.spec.max_token_ttl = Some("1m".into());
+    let d = decide(&case(
+        "an unrelated grant's bounds do not apply",
+        run("r", &["compliance:audit"]),
+        gdpr_agent(),
+        vec![allow("wide", &["compliance:*"]), narrow],
+    ));
+    let Decision::Authorized(a) = d else { panic!("{d:?}") };
+    assert_eq!(a.grants, vec!["wide"]);
+    assert_eq!(a.token_ttl, SignedDuration::from_mins(10));
+}
+
+#[test]
+fn the_deadline_counts_from_the_recorded_start() {
+    let mut r = run("r", &["compliance:audit"]);
+    r.status = Some(AgentRunStatus { started_at: Some(now() - SignedDuration::from_mins(50)), ..Default::default() });
+    let Decision::Authorized(a) = decide(&case("restarted", r, gdpr_agent(), vec![allow("g", &["compliance:*"])]))
+    else {
+        panic!()
+    };
+    assert_eq!(a.started_at, now() - SignedDuration::from_mins(50));
+    assert_eq!(a.deadline, now() + SignedDuration::from_mins(10));
+}
+
+#[test]
+fn identity_and_chain_of_a_top_level_run() {
+    let Decision::Authorized(a) = decide(&case(
+        "top",
+        run("gdpr-check-q4", &["compliance:audit"]),
+        gdpr_agent(),
+        vec![allow("g", &["compliance:*"])],
+    )) else {
+        panic!()
+    };
+    let id = "spiffe://cluster.local/ns/marketing/agent/gdpr/run/gdpr-check-q4";
+    assert_eq!(a.identity, id);
+    assert_eq!(a.delegation_chain, vec!["alice@example.com".to_string(), id.to_string()]);
+    assert_eq!(a.remaining_delegation_depth, 0, "no maxDelegationDepth means no sub-agents");
+    assert_eq!(a.audiences, vec!["svc"]);
+}
+
+/// A parent run as the controller would have recorded it.
+fn active_parent(remaining: u32, scopes: &[&str]) -> AgentRun {
+    let mut p = run("plan-7", scopes);
+    p.spec.agent = "planner".into();
+    p.status = Some(AgentRunStatus {
+        phase: Some(RunPhase::Running),
+        granted_scopes: strings(scopes),
+        granted_audiences: strings(&["svc"]),
+        delegation_chain: strings(&[
+            "alice@example.com",
+            "spiffe://cluster.local/ns/marketing/agent/planner/run/plan-7",
+        ]),
+        remaining_delegation_depth: Some(remaining),
+        token_ttl: Some("5m".into()),
+        deadline: Some(now() + SignedDuration::from_mins(20)),
+        ..Default::default()
+    });
+    p
+}
+
+fn child() -> AgentRun {
+    let mut c = run("optimise-1", &["compliance:audit", "compliance:privacy:check"]);
+    c.spec.parent_run = Some("plan-7".into());
+    c
+}
+
+#[test]
+fn sub_agent_authority_only_narrows() {
+    let mut g = allow("g", &["compliance:*"]);
+    g.spec.max_delegation_depth = Some(3);
+    let c = Case {
+        name: "child",
+        run: child(),
+        agent: Some(gdpr_agent()),
+        grants: vec![g],
+        parent: Some(active_parent(1, &["compliance:audit"])),
+    };
+    let Decision::Authorized(a) = decide(&c) else { panic!() };
+    assert_eq!(granted(&decide(&c)), vec!["compliance:audit"]);
+    assert_eq!(a.denied_scopes[0].reason, scope_reason::NOT_HELD_BY_PARENT);
+    assert_eq!(a.token_ttl, SignedDuration::from_mins(5), "parent's ttl bounds the child");
+    assert_eq!(a.deadline, now() + SignedDuration::from_mins(20), "parent's deadline bounds the child");
+    assert_eq!(a.remaining_delegation_depth, 0, "depth along the chain: min(parent - 1, grant)");
+    assert_eq!(
+        a.delegation_chain,
+        strings(&[
+            "alice@example.com",
+            "spiffe://cluster.local/ns/marketing/agent/planner/run/plan-7",
+            "spiffe://cluster.local/ns/marketing/agent/gdpr/run/optimise-1"
+        ])
+    );
+}
+
+#[test]
+fn sub_agent_refusals() {
+    let g = || {
+        let mut g = allow("g", &["compliance:*"]);
+        g.spec.max_delegation_depth = Some(1);
+        vec![g]
+    };
+    let mut ended = active_parent(1, &["compliance:*"]);
+    if let Some(s) = ended.status.as_mut() {
+        s.phase = Some(RunPhase::Succeeded);
+    }
+    let mut pending = active_parent(1, &["compliance:*"]);
+    if let Some(s) = pending.status.as_mut() {
+        s.phase = Some(RunPhase::Pending);
+    }
+    let mut bobs = active_parent(1, &["compliance:*"]);
+    bobs.spec.principal = "bob@example.com".into();
+    let table = [
+        ("parent missing", None, Reason::ParentNotFound),
+        ("parent ended", Some(ended), Reason::ParentNotActive),
+        ("parent not yet authorised", Some(pending), Reason::ParentNotActive),
+        ("parent acts for someone else", Some(bobs), Reason::ParentPrincipalMismatch),
+        ("depth exactly at the limit", Some(active_parent(0, &["compliance:*"])), Reason::DelegationDepthExceeded),
+        ("parent holds none of it", Some(active_parent(1, &["marketing:read"])), Reason::NoScopesGranted),
+    ];
+    for (name, parent, want) in table {
+        let c = Case { name, run: child(), agent: Some(gdpr_agent()), grants: g(), parent };
+        assert_eq!(reason(&decide(&c)), want, "{name}");
+    }
+}
+
+#[test]
+fn depth_is_enforced_along_the_whole_chain() {
+    // Root under a grant of depth 1 → remaining 1; its child → 0; a grandchild is refused
+    // even though the grandchild's own grant would allow more.
+    let mut root_grant = allow("g", &["compliance:*"]);
+    root_grant.spec.max_delegation_depth = Some(1);
+    let Decision::Authorized(root) =
+        decide(&case("root", run("plan-7", &["compliance:*"]), gdpr_agent(), vec![root_grant]))
+    else {
+        panic!()
+    };
+    assert_eq!(root.remaining_delegation_depth, 1);
+
+    let mut generous = allow("g", &["compliance:*"]);
+    generous.spec.max_delegation_depth = Some(5);
+    let c = Case {
+        name: "child",
+        run: child(),
+        agent: Some(gdpr_agent()),
+        grants: vec![generous.clone()],
+        parent: Some(active_parent(root.remaining_delegation_depth, &["compliance:*"])),
+    };
+    let Decision::Authorized(kid) = decide(&c) else { panic!() };
+    assert_eq!(kid.remaining_delegation_depth, 0);
+
+    let mut grandchild = child();
+    grandchild.spec.parent_run = Some("optimise-1".into());
+    let c = Case {
+        name: "grandchild",
+        run: grandchild,
+        agent: Some(gdpr_agent()),
+        grants: vec![generous],
+        parent: Some(active_parent(kid.remaining_delegation_depth, &["compliance:*"])),
+    };
+    assert_eq!(reason(&decide(&c)), Reason::DelegationDepthExceeded);
+}
+
+#[test]
+fn image_patterns() {
+    let pats = strings(&["registry.example.com/agents/gdpr@sha256:*", "docker.io/library/busybox:1.36"]);
+    assert!(image_allowed("registry.example.com/agents/gdpr@sha256:abc", &pats));
+    assert!(image_allowed("docker.io/library/busybox:1.36", &pats));
+    assert!(!image_allowed("docker.io/library/busybox:1.37", &pats));
+    assert!(!image_allowed("registry.example.com/agents/gdpr:latest", &pats));
+    assert!(!image_allowed("anything", &[]));
+}
+
+#[test]
+fn reasons_are_bounded_and_named() {
+    use std::collections::HashSet;
+    let all = [
+        Reason::InvalidSpec,
+        Reason::AgentNotFound,
+        Reason::AgentDeleted,
+        Reason::InvalidAgent,
+        Reason::NoGrant,
+        Reason::GrantNotYetValid,
+        Reason::GrantExpired,
+        Reason::DeniedByGrant,
+        Reason::InvalidDenyGrant,
+        Reason::NoScopesGranted,
+        Reason::NoAudienceGranted,
+        Reason::ImageNotAllowed,
+        Reason::ParentNotFound,
+        Reason::ParentNotActive,
+        Reason::ParentPrincipalMismatch,
+        Reason::DelegationDepthExceeded,
+    ];
+    let names: HashSet<&str> = all.iter().map(|r| r.as_str()).collect();
+    assert_eq!(names.len(), all.len());
+    assert!(Reason::AgentNotFound.is_transient() && !Reason::DeniedByGrant.is_transient());
+}

@@ -1,1 +1,39 @@
+//! The `deputy` command line.
 
+pub mod token;
+
+use clap::{Parser, Subcommand};
+
+/// Deputy: short-lived, delegated identities for AI-agent runs on Kubernetes.
+#[derive(Parser, Debug)]
+#[command(name = "deputy", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions of Agent, DelegationGrant and AgentRun as YAML.
+    Crd,
+    /// Inspect or verify Deputy tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+}
+
+/// Runs a parsed command; returns the process exit code. Errors are printed to stderr.
+pub async fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Crd => match crate::resources::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                0
+            }
+            Err(e) => {
+                eprintln!("error: could not render the CRDs: {e}");
+                1
+            }
+        },
+        Command::Token(cmd) => token::run(cmd).await,
+    }
+}

@@ -15,9 +15,7 @@ impl Actor {
     /// Builds the nested `act` claim from acting identities in chronological order (the
     /// first agent run first, the current actor last). The current actor is outermost.
     pub fn from_chain<S: AsRef<str>>(actors: &[S]) -> Option<Actor> {
-        actors.iter().fold(None, |inner, sub| {
-            Some(Actor { sub: sub.as_ref().to_string(), act: inner.map(Box::new) })
-        })
+        actors.iter().fold(None, |inner, sub| Some(Actor { sub: sub.as_ref().to_string(), act: inner.map(Box::new) }))
     }
 
     /// The actors in chronological order (innermost, i.e. earliest, first).

@@ -23,9 +23,7 @@
 use std::collections::BTreeMap;
 
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair,
-};
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use jiff::{SignedDuration, Timestamp};
@@ -150,8 +148,8 @@ impl SigningKey {
                 (Pair::Ed(kp), canonical, json!({"kty": "OKP", "crv": "Ed25519", "x": x}))
             }
             Alg::ES256 => {
-                let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
-                    .map_err(|e| bad(e.to_string()))?;
+                let kp =
+                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der).map_err(|e| bad(e.to_string()))?;
                 let point = kp.public_key().as_ref();
                 // Uncompressed SEC1 point: 0x04 || x (32 bytes) || y (32 bytes).
                 if point.len() != 65 || point[0] != 4 {
@@ -179,8 +177,9 @@ impl SigningKey {
         let rng = SystemRandom::new();
         let der = match alg {
             Alg::EdDSA => Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Generate)?,
-            Alg::ES256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                .map_err(|_| KeyError::Generate)?,
+            Alg::ES256 => {
+                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).map_err(|_| KeyError::Generate)?
+            }
         };
         let der = der.as_ref().to_vec();
         Ok((SigningKey::from_pkcs8(alg, &der)?, der))
@@ -285,11 +284,7 @@ impl KeySet {
     pub fn jwks(&self) -> serde_json::Value {
         let mut keys = vec![self.active().public_jwk().clone()];
         keys.extend(
-            self.keys
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != self.active)
-                .map(|(_, k)| k.key.public_jwk().clone()),
+            self.keys.iter().enumerate().filter(|(i, _)| *i != self.active).map(|(_, k)| k.key.public_jwk().clone()),
         );
         json!({ "keys": keys })
     }
@@ -398,8 +393,13 @@ mod tests {
         let first = set.active().kid.clone();
         set.rotate(Alg::EdDSA, now(), SignedDuration::from_mins(15)).unwrap();
         assert_ne!(set.active().kid, first);
-        let kids: Vec<String> = set.jwks()["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_string()).collect();
-        assert_eq!(kids, vec![set.active().kid.clone(), first.clone()], "active key first, retired key still published");
+        let kids: Vec<String> =
+            set.jwks()["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_string()).collect();
+        assert_eq!(
+            kids,
+            vec![set.active().kid.clone(), first.clone()],
+            "active key first, retired key still published"
+        );
         set.prune(now() + SignedDuration::from_mins(14));
         assert_eq!(set.keys().count(), 2);
         set.prune(now() + SignedDuration::from_mins(15));

@@ -96,13 +96,22 @@ impl Verifier {
     /// A verifier for the public keys of a JWKS document. Keys of other types or algorithms
     /// are ignored (never trusted).
     pub fn from_jwks(issuer: &str, jwks: &serde_json::Value, leeway_secs: u64) -> Result<Verifier, VerifyError> {
-        let set: JwkSet = serde_json::from_value(jwks.clone()).map_err(|e| VerifyError::Malformed(format!("JWKS: {e}")))?;
+        let set: JwkSet =
+            serde_json::from_value(jwks.clone()).map_err(|e| VerifyError::Malformed(format!("JWKS: {e}")))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let Some(kid) = jwk.common.key_id.clone() else { continue };
             let alg = match &jwk.algorithm {
-                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(p) if p.curve == jsonwebtoken::jwk::EllipticCurve::Ed25519 => Alg::EdDSA,
-                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(p) if p.curve == jsonwebtoken::jwk::EllipticCurve::P256 => Alg::ES256,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(p)
+                    if p.curve == jsonwebtoken::jwk::EllipticCurve::Ed25519 =>
+                {
+                    Alg::EdDSA
+                }
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(p)
+                    if p.curve == jsonwebtoken::jwk::EllipticCurve::P256 =>
+                {
+                    Alg::ES256
+                }
                 _ => continue,
             };
             let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
@@ -196,7 +205,8 @@ pub fn peek_header(token: &str) -> Result<serde_json::Value, VerifyError> {
         return Err(VerifyError::Malformed("a JWT has three dot-separated parts".into()));
     };
     let raw = B64.decode(h).map_err(|e| VerifyError::Malformed(format!("header: {e}")))?;
-    let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| VerifyError::Malformed(format!("header: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&raw).map_err(|e| VerifyError::Malformed(format!("header: {e}")))?;
     if !v.is_object() {
         return Err(VerifyError::Malformed("header is not a JSON object".into()));
     }
