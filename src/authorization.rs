@@ -23,6 +23,8 @@
 //!    deadline, start plus the global maximum). A run left with no scope or no audience is
 //!    denied, never given an empty token.
 
+use std::borrow::Borrow;
+
 use jiff::{SignedDuration, Timestamp};
 
 use crate::duration;
@@ -53,14 +55,15 @@ impl Default for Policy {
     }
 }
 
-/// Everything a decision depends on.
+/// Everything a decision depends on. `G` is a `DelegationGrant` or anything that borrows
+/// as one (an `Arc` from a reflector store).
 #[derive(Clone, Copy, Debug)]
-pub struct Input<'a> {
+pub struct Input<'a, G: Borrow<DelegationGrant> = DelegationGrant> {
     pub run: &'a AgentRun,
     /// The run's Agent, if it exists.
     pub agent: Option<&'a Agent>,
     /// The DelegationGrants of the run's namespace (any principal/agent; the engine filters).
-    pub grants: &'a [DelegationGrant],
+    pub grants: &'a [G],
     /// The parent run named by `spec.parentRun`, if it exists.
     pub parent: Option<&'a AgentRun>,
     pub now: Timestamp,
@@ -296,7 +299,7 @@ pub fn image_allowed(image: &str, patterns: &[String]) -> bool {
 }
 
 /// Decides whether `input.run` may act, and with what authority.
-pub fn authorize(input: Input<'_>) -> Decision {
+pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
     let Input { run, agent, grants, parent, now, policy } = input;
     let spec = &run.spec;
     let namespace = run.metadata.namespace.as_deref().unwrap_or("default");
@@ -381,6 +384,7 @@ pub fn authorize(input: Input<'_>) -> Decision {
     let mut denies = vec![];
     let (mut not_yet, mut expired) = (false, false);
     for g in grants {
+        let g: &DelegationGrant = g.borrow();
         if g.spec.principal != spec.principal || g.spec.agent != spec.agent || g.metadata.deletion_timestamp.is_some() {
             continue;
         }

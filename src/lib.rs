@@ -8,10 +8,15 @@
 //! - [`tokens`]: claims, signing keys, minting and verification of JWTs;
 //! - [`cli`]: the `deputy` command line.
 
+pub mod audit;
 pub mod authorization;
 pub mod cli;
+pub mod controller;
 pub mod duration;
 pub mod http_client;
+pub mod metrics;
 pub mod resources;
 pub mod scope;
+pub mod server;
+pub mod signing;
 pub mod tokens;

@@ -1,5 +1,6 @@
 //! The `deputy` command line.
 
+pub mod run;
 pub mod token;
 
 use clap::{Parser, Subcommand};
@@ -14,6 +15,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the controller and the token endpoint (what the Deployment runs).
+    Run(Box<run::RunArgs>),
     /// Print the CustomResourceDefinitions of Agent, DelegationGrant and AgentRun as YAML.
     Crd,
     /// Inspect or verify Deputy tokens.
@@ -35,5 +38,6 @@ pub async fn run(cli: Cli) -> i32 {
             }
         },
         Command::Token(cmd) => token::run(cmd).await,
+        Command::Run(args) => run::run(*args).await,
     }
 }

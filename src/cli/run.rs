@@ -1,0 +1,266 @@
+//! `deputy run`: the controller and the token endpoint in one process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Args;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
+
+use crate::authorization::Policy;
+use crate::controller::{self, ChildConfig, ControllerConfig, Watches};
+use crate::metrics::Metrics;
+use crate::server::{self, EndpointState, review::Reviewer};
+use crate::signing::{self, KeyStore};
+use crate::tokens::Alg;
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The token issuer (`iss`): the public base URL of the token endpoint.
+    #[arg(long, env = "DEPUTY_ISSUER", default_value = "https://deputy.deputy-system.svc")]
+    pub issuer: String,
+    /// The token endpoint URL given to agent pods. Default: `<issuer>/token`.
+    #[arg(long, env = "DEPUTY_TOKEN_ENDPOINT")]
+    pub token_endpoint: Option<String>,
+    /// The SPIFFE trust domain of run identities.
+    #[arg(long, env = "DEPUTY_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The namespace Deputy runs in (holds the signing-key Secret).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "deputy-system")]
+    pub namespace: String,
+    /// The Secret holding the signing keys (created if absent).
+    #[arg(long, env = "DEPUTY_KEYS_SECRET", default_value = "deputy-signing-keys")]
+    pub keys_secret: String,
+    /// Signature algorithm for new keys: EdDSA or ES256.
+    #[arg(long, env = "DEPUTY_SIGNING_ALG", default_value = "EdDSA")]
+    pub signing_alg: String,
+    /// Rotate the signing key when it is this old (e.g. 720h).
+    #[arg(long, env = "DEPUTY_KEY_ROTATION", default_value = "720h")]
+    pub key_rotation: String,
+    /// No token lives longer than this.
+    #[arg(long, env = "DEPUTY_MAX_TOKEN_TTL", default_value = "1h")]
+    pub max_token_ttl: String,
+    /// Token lifetime of a run that does not ask for one.
+    #[arg(long, env = "DEPUTY_DEFAULT_TOKEN_TTL", default_value = "10m")]
+    pub default_token_ttl: String,
+    /// No run lasts longer than this.
+    #[arg(long, env = "DEPUTY_MAX_RUN_DURATION", default_value = "24h")]
+    pub max_run_duration: String,
+    /// Address of the token endpoint.
+    #[arg(long, env = "DEPUTY_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Address of the admin endpoints (/healthz, /readyz, /metrics).
+    #[arg(long, env = "DEPUTY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// TLS certificate (PEM) for the token endpoint; reloaded when it changes.
+    #[arg(long, env = "DEPUTY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the token endpoint.
+    #[arg(long, env = "DEPUTY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name of this replica (for Events); usually the pod name.
+    #[arg(long, env = "POD_NAME")]
+    pub instance: Option<String>,
+    /// Log format on stderr: text or json. Audit lines always go to stdout as JSON.
+    #[arg(long, env = "DEPUTY_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+fn dur(name: &str, v: &str) -> Result<jiff::SignedDuration, String> {
+    crate::duration::parse(v).map_err(|e| format!("--{name}: {e}"))
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_runtime=warn,kube_client=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
+}
+
+async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Runs until SIGTERM/SIGINT. Returns the exit code.
+pub async fn run(args: RunArgs) -> i32 {
+    init_logging(&args.log_format);
+    match run_inner(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "deputy stopped");
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+async fn run_inner(args: RunArgs) -> Result<(), String> {
+    let alg: Alg = args.signing_alg.parse().map_err(|e| format!("--signing-alg: {e}"))?;
+    let policy = Policy {
+        trust_domain: args.trust_domain.clone(),
+        max_token_ttl: dur("max-token-ttl", &args.max_token_ttl)?,
+        default_token_ttl: dur("default-token-ttl", &args.default_token_ttl)?,
+        max_run_duration: dur("max-run-duration", &args.max_run_duration)?,
+    };
+    let rotation = dur("key-rotation", &args.key_rotation)?;
+    let issuer = args.issuer.trim_end_matches('/').to_string();
+    let token_endpoint = args.token_endpoint.clone().unwrap_or_else(|| format!("{issuer}/token"));
+
+    let client = kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {e}"))?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
+    let material = signing::load_or_create(&secrets, &issuer, &args.namespace, &args.keys_secret, alg)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(kid = %material.set.active().kid, "signing keys loaded");
+    let keys = Arc::new(KeyStore::new(&issuer, material));
+    let metrics = Arc::new(Metrics::new());
+    let watches = Watches::new(&client);
+    let stores = watches.stores.clone();
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(EndpointState {
+        keys: keys.clone(),
+        runs: stores.runs.clone(),
+        reviewer: Reviewer::new(client.clone(), metrics.clone()),
+        metrics: metrics.clone(),
+        client: client.clone(),
+        issuer: issuer.clone(),
+        ready: ready.clone(),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    let _ = stop_tx.send(true);
+                    return;
+                }
+            };
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    // Readiness: caches synced and keys loaded (they are, by now).
+    {
+        let stores = stores.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            if stores.wait_until_ready().await.is_ok() {
+                ready.store(true, Ordering::Release);
+                tracing::info!("caches synced; ready");
+            }
+        });
+    }
+    // Active-runs gauge.
+    {
+        let runs = stores.runs.clone();
+        let metrics = metrics.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! { _ = tick.tick() => {}, _ = stop.wait_for(|s| *s) => return }
+                let n = runs.state().iter().filter(|r| server::is_active(r)).count();
+                metrics.active_runs.set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        });
+    }
+    // Keep the keys current: reload on every change of the Secret (another replica may have
+    // rotated), and rotate when due.
+    {
+        let keys = keys.clone();
+        let secrets = secrets.clone();
+        let name = args.keys_secret.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+            let mut stream = watcher(secrets, cfg).default_backoff().applied_objects().boxed();
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    item = stream.next() => match item {
+                        Some(Ok(secret)) => match keys.reload_from(&secret) {
+                            Ok(true) => tracing::info!(kid = %keys.get().set.active().kid, "signing keys reloaded"),
+                            Ok(false) => {}
+                            Err(e) => tracing::error!(error = %e, "the signing-key Secret is unusable; keeping the previous keys"),
+                        },
+                        Some(Err(e)) => tracing::warn!(error = %e, "watching the signing-key Secret"),
+                        None => return,
+                    },
+                }
+            }
+        });
+    }
+    {
+        let keys = keys.clone();
+        let secrets = secrets.clone();
+        let (ns, name) = (args.namespace.clone(), args.keys_secret.clone());
+        let lifetime =
+            policy.max_token_ttl + jiff::SignedDuration::from_secs(crate::tokens::verify::DEFAULT_LEEWAY_SECS as i64);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! { _ = tick.tick() => {}, _ = stop.wait_for(|s| *s) => return }
+                if let Err(e) = signing::rotate_if_due(&secrets, &keys, &ns, &name, alg, rotation, lifetime).await {
+                    tracing::warn!(error = %e, "key rotation check failed");
+                }
+            }
+        });
+    }
+
+    // Servers.
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(|e| format!("binding {}: {e}", args.admin_listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("binding {}: {e}", args.listen))?;
+    tracing::info!(token = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+    let admin_task = tokio::spawn(
+        axum::serve(admin, server::admin_router(state.clone()))
+            .with_graceful_shutdown(shutdown_signal(stop_rx.clone()))
+            .into_future(),
+    );
+    let router = server::router(state.clone());
+    let token_task = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let resolver =
+                Arc::new(server::tls::ReloadingCert::new(cert.clone(), key.clone()).map_err(|e| e.to_string())?);
+            let cfg = server::tls::server_config(resolver);
+            tokio::spawn(server::tls::serve(listener, cfg, router, shutdown_signal(stop_rx.clone())))
+        }
+        _ => {
+            tracing::warn!("the token endpoint serves plain HTTP: pass --tls-cert and --tls-key in production");
+            let fut =
+                axum::serve(listener, router).with_graceful_shutdown(shutdown_signal(stop_rx.clone())).into_future();
+            tokio::spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::error!(error = %e, "token endpoint");
+                }
+            })
+        }
+    };
+
+    let cfg = ControllerConfig {
+        policy,
+        children: ChildConfig { issuer: issuer.clone(), token_endpoint },
+        max_backoff: std::time::Duration::from_secs(300),
+    };
+    controller::run(client, cfg, keys, watches, metrics, args.instance.clone(), shutdown_signal(stop_rx.clone())).await;
+    let _ = token_task.await;
+    let _ = admin_task.await;
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! Unit tests of the child builders and rotation times.
+
+use jiff::{SignedDuration, Timestamp};
+use kube::api::ObjectMeta;
+use serde_json::json;
+
+use super::*;
+use crate::authorization::Authorization;
+use crate::resources::{AgentRunSpec, AgentSpec};
+use crate::scope::Scope;
+
+fn now() -> Timestamp {
+    "2026-11-23T12:00:00Z".parse().unwrap()
+}
+
+fn run(template: serde_json::Value) -> AgentRun {
+    AgentRun {
+        metadata: ObjectMeta {
+            name: Some("gdpr-check-q4".into()),
+            namespace: Some("marketing".into()),
+            uid: Some("uid-1".into()),
+            ..Default::default()
+        },
+        spec: AgentRunSpec {
+            agent: "gdpr".into(),
+            principal: "alice@example.com".into(),
+            task: "t".into(),
+            scopes: vec!["a:b".into()],
+            audiences: vec!["svc".into()],
+            token_ttl: None,
+            max_duration: "1h".into(),
+            parent_run: None,
+            template: Some(template),
+        },
+        status: None,
+    }
+}
+
+fn agent(automount: bool) -> Agent {
+    Agent {
+        metadata: ObjectMeta { name: Some("gdpr".into()), namespace: Some("marketing".into()), ..Default::default() },
+        spec: AgentSpec {
+            description: None,
+            scopes: vec!["a:*".into()],
+            audiences: vec!["svc".into()],
+            max_token_ttl: "15m".into(),
+            images: vec!["img".into()],
+            automount_service_account_token: automount,
+        },
+        status: None,
+    }
+}
+
+fn auth() -> Authorization {
+    Authorization {
+        identity: "spiffe://cluster.local/ns/marketing/agent/gdpr/run/gdpr-check-q4".into(),
+        scopes: vec![Scope::parse("a:b").unwrap()],
+        audiences: vec!["svc".into()],
+        denied_scopes: vec![],
+        token_ttl: SignedDuration::from_mins(10),
+        started_at: now(),
+        deadline: now() + SignedDuration::from_mins(30),
+        grants: vec!["g".into()],
+        delegation_chain: vec![
+            "alice@example.com".into(),
+            "spiffe://cluster.local/ns/marketing/agent/gdpr/run/gdpr-check-q4".into(),
+        ],
+        remaining_delegation_depth: 0,
+    }
+}
+
+fn cfg() -> ChildConfig {
+    ChildConfig {
+        issuer: "https://deputy.deputy-system.svc".into(),
+        token_endpoint: "https://deputy.deputy-system.svc/token".into(),
+    }
+}
+
+fn template() -> serde_json::Value {
+    json!({
+        "metadata": {"labels": {"team": "privacy", "app.kubernetes.io/managed-by": "someone-else"}},
+        "spec": {
+            "serviceAccountName": "default",
+            "initContainers": [{"name": "init", "image": "img"}],
+            "containers": [{"name": "agent", "image": "img", "env": [{"name": "DEPUTY_TOKEN_FILE", "value": "/tmp/forged"}, {"name": "KEEP", "value": "1"}]}],
+        }
+    })
+}
+
+#[test]
+fn names_are_deterministic_and_bounded() {
+    assert_eq!(child_name("gdpr-check-q4"), "deputy-run-gdpr-check-q4");
+    let long = "a".repeat(253);
+    let n = child_name(&long);
+    assert!(n.len() <= 253);
+    assert_eq!(n, child_name(&long), "deterministic");
+    assert_ne!(child_name(&format!("{long}x")[1..]), n, "different runs, different names");
+    assert!(label_value(&"b".repeat(100)).len() <= 63);
+    assert_eq!(label_value("short"), "short");
+}
+
+#[test]
+fn service_account_has_no_api_token_unless_the_agent_says_so() {
+    let r = run(template());
+    let sa = desired_service_account(&r, &agent(false), &auth());
+    assert_eq!(sa.metadata.name.as_deref(), Some("deputy-run-gdpr-check-q4"));
+    assert_eq!(sa.automount_service_account_token, Some(false));
+    let owner = &sa.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("AgentRun", "gdpr-check-q4", Some(true)));
+    assert_eq!(sa.metadata.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"], "deputy");
+    assert_eq!(desired_service_account(&r, &agent(true), &auth()).automount_service_account_token, Some(true));
+}
+
+#[test]
+fn secret_holds_token_and_run_json() {
+    let r = run(template());
+    let info = RunInfo {
+        issuer: "i",
+        token_endpoint: "e",
+        identity: "id",
+        namespace: "marketing",
+        run: "gdpr-check-q4",
+        principal: "alice@example.com",
+        scopes: vec!["a:b".into()],
+        audiences: &["svc".to_string()],
+        token_file: "/var/run/secrets/deputy.dev/token".into(),
+        actor_token_file: "/var/run/secrets/deputy.dev/actor-token".into(),
+        token_expires_at: now(),
+        next_rotation_at: now(),
+        deadline: now(),
+    };
+    let s = desired_secret(&r, "TOKEN", &info).unwrap();
+    let data = s.data.unwrap();
+    assert_eq!(data["token"].0, b"TOKEN");
+    let j: serde_json::Value = serde_json::from_slice(&data["run.json"].0).unwrap();
+    assert_eq!(j["tokenExpiresAt"], "2026-11-23T12:00:00Z");
+    assert!(j.get("nextRotationAt").is_some());
+    assert_eq!(s.type_.as_deref(), Some(SECRET_TYPE));
+}
+
+#[test]
+fn pod_gets_identity_volume_env_and_deadline() {
+    let r = run(template());
+    let pod = desired_pod(&r, &agent(false), &auth(), &cfg(), now()).unwrap();
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.service_account_name.as_deref(), Some("deputy-run-gdpr-check-q4"), "the template's SA is replaced");
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(spec.active_deadline_seconds, Some(1800));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let vol = spec.volumes.unwrap().into_iter().find(|v| v.name == VOLUME_NAME).unwrap();
+    let sources = vol.projected.unwrap().sources.unwrap();
+    assert_eq!(sources[0].secret.as_ref().unwrap().name, "deputy-run-gdpr-check-q4");
+    let sat = sources[1].service_account_token.as_ref().unwrap();
+    assert_eq!(sat.audience.as_deref(), Some("https://deputy.deputy-system.svc"));
+    assert_eq!(sat.path, "actor-token");
+    assert_eq!(sat.expiration_seconds, Some(600));
+    for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+        let m = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == VOLUME_NAME).unwrap();
+        assert_eq!((m.mount_path.as_str(), m.read_only), (MOUNT_PATH, Some(true)));
+        let env = c.env.as_ref().unwrap();
+        let file: Vec<_> = env.iter().filter(|e| e.name == "DEPUTY_TOKEN_FILE").collect();
+        assert_eq!(file.len(), 1, "our variable replaces a forged one");
+        assert_eq!(file[0].value.as_deref(), Some("/var/run/secrets/deputy.dev/token"));
+        assert!(env.iter().any(|e| e.name == "DEPUTY_TOKEN_ENDPOINT"));
+    }
+    assert!(spec.containers[0].env.as_ref().unwrap().iter().any(|e| e.name == "KEEP"));
+    let labels = pod.metadata.labels.unwrap();
+    assert_eq!(labels["team"], "privacy");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "deputy", "our labels win");
+    assert_eq!(labels[RUN_LABEL], "gdpr-check-q4");
+}
+
+#[test]
+fn templates_that_cannot_be_honoured_are_refused() {
+    let cases = [
+        (
+            "restartPolicy Always",
+            json!({"spec": {"restartPolicy": "Always", "containers": [{"name": "a", "image": "img"}]}}),
+        ),
+        (
+            "reserved volume",
+            json!({"spec": {"volumes": [{"name": "deputy-token", "emptyDir": {}}], "containers": [{"name": "a", "image": "img"}]}}),
+        ),
+        (
+            "mount path taken",
+            json!({"spec": {"containers": [{"name": "a", "image": "img", "volumeMounts": [{"name": "x", "mountPath": "/var/run/secrets/deputy.dev/"}]}]}}),
+        ),
+        ("not a pod template", json!({"spec": {"containers": "nope"}})),
+        ("no spec", json!({"metadata": {}})),
+    ];
+    for (name, t) in cases {
+        assert!(desired_pod(&run(t), &agent(false), &auth(), &cfg(), now()).is_err(), "{name}");
+    }
+}
+
+#[test]
+fn a_shorter_own_deadline_is_kept() {
+    let t = json!({"spec": {"activeDeadlineSeconds": 60, "containers": [{"name": "a", "image": "img"}]}});
+    let pod = desired_pod(&run(t), &agent(false), &auth(), &cfg(), now()).unwrap();
+    assert_eq!(pod.spec.unwrap().active_deadline_seconds, Some(60));
+}
+
+#[test]
+fn rotation_is_at_half_life_with_bounded_jitter_spread_across_runs() {
+    let iat = now();
+    let exp = iat + SignedDuration::from_mins(10);
+    let mut seconds = std::collections::HashSet::new();
+    for i in 0..1000 {
+        let at = rotation_at(iat, exp, &format!("uid-{i}"), 1);
+        let off = at.as_second() - iat.as_second();
+        assert!((300..360).contains(&off), "{off}");
+        seconds.insert(off);
+        assert_eq!(at, rotation_at(iat, exp, &format!("uid-{i}"), 1), "stable across reconciles");
+    }
+    assert!(seconds.len() >= 50, "1000 runs rotate over {} distinct seconds", seconds.len());
+    assert!(rotation_at(iat, exp, "u", 1) < exp);
+}

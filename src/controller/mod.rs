@@ -1,0 +1,329 @@
+//! The controller: watches Agents, DelegationGrants and AgentRuns and, for every run,
+//! authorises it, mints its identity, projects and rotates its token, and revokes everything
+//! it held when it ends (DESIGN.md, "What the controller does for a run").
+
+pub mod children;
+mod grants;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller::Action, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::mpsc;
+
+use crate::authorization::Policy;
+use crate::metrics::Metrics;
+use crate::resources::{Agent, AgentRun, DelegationGrant};
+use crate::signing::KeyStore;
+pub use children::ChildConfig;
+
+/// The field manager of every server-side apply Deputy makes.
+pub const MANAGER: &str = "deputy";
+/// The finalizer that guarantees a run's credentials are removed even if Deputy was down.
+pub const FINALIZER: &str = "deputy.dev/cleanup";
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub policy: Policy,
+    pub children: ChildConfig,
+    /// The longest delay between retries of a failing reconcile.
+    pub max_backoff: Duration,
+}
+
+/// Errors of one reconcile. Each has a static category for metrics and Events.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("signing: {0}")]
+    Signing(#[from] crate::tokens::KeyError),
+    #[error("serialisation: {0}")]
+    Serde(#[from] serde_json::Error),
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+}
+
+impl Error {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(_) => "kubernetes",
+            Error::Finalizer(_) => "finalizer",
+            Error::Signing(_) => "signing",
+            Error::Serde(_) => "serialisation",
+            Error::MissingField(_) => "invalid_object",
+        }
+    }
+}
+
+/// Caches the controller reads instead of the API server.
+#[derive(Clone)]
+pub struct Stores {
+    pub agents: Store<Agent>,
+    pub grants: Store<DelegationGrant>,
+    pub runs: Store<AgentRun>,
+    pub pods: Store<Pod>,
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+}
+
+/// Shared state of every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub cfg: ControllerConfig,
+    pub keys: Arc<KeyStore>,
+    pub stores: Stores,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for the capped exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Grants and Agents whose status (active run counts) may have changed.
+    status_triggers: mpsc::UnboundedSender<StatusTrigger>,
+}
+
+#[derive(Debug, Clone)]
+enum StatusTrigger {
+    Grant(ObjectRef<DelegationGrant>),
+    Agent(ObjectRef<Agent>),
+}
+
+impl Context {
+    fn backoff(&self, key: &str) -> Duration {
+        let mut f = match self.failures.lock() {
+            Ok(f) => f,
+            Err(p) => p.into_inner(),
+        };
+        let n = f.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        let millis = 500u64.saturating_mul(1u64 << (*n).min(16));
+        Duration::from_millis(millis).min(self.cfg.max_backoff)
+    }
+
+    fn succeeded(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// Asks the grant and agent status loops to recount the runs relying on them.
+    fn touch_status_of(&self, run: &AgentRun) {
+        let ns = run.namespace().unwrap_or_default();
+        let grants = run.status.as_ref().and_then(|s| s.grant.clone()).unwrap_or_default();
+        for g in grants.split(',').filter(|g| !g.is_empty()) {
+            let _ = self.status_triggers.send(StatusTrigger::Grant(ObjectRef::new(g).within(&ns)));
+        }
+        let _ = self.status_triggers.send(StatusTrigger::Agent(ObjectRef::new(&run.spec.agent).within(&ns)));
+    }
+}
+
+/// Starts the watches and caches; returns the stores and the streams that drive them.
+pub struct Watches {
+    pub stores: Stores,
+    runs: futures::stream::BoxStream<'static, Result<AgentRun, watcher::Error>>,
+    agents: futures::stream::BoxStream<'static, Result<Agent, watcher::Error>>,
+    grants: futures::stream::BoxStream<'static, Result<DelegationGrant, watcher::Error>>,
+    pods: futures::stream::BoxStream<'static, Result<Pod, watcher::Error>>,
+    secrets: futures::stream::BoxStream<'static, Result<PartialObjectMeta<Secret>, watcher::Error>>,
+    service_accounts: futures::stream::BoxStream<'static, Result<PartialObjectMeta<ServiceAccount>, watcher::Error>>,
+}
+
+/// The label selector of every object Deputy creates for a run.
+pub fn children_selector() -> String {
+    format!("{}={}", children::MANAGED_BY.0, children::MANAGED_BY.1)
+}
+
+impl Watches {
+    /// Sets up cluster-wide watches with reflector caches (children are selected by label,
+    /// and only their metadata is cached for Secrets and ServiceAccounts).
+    pub fn new(client: &Client) -> Watches {
+        let wc = watcher::Config::default();
+        let children = watcher::Config::default().labels(&children_selector());
+        let (runs_store, runs_writer) = reflector::store();
+        let (agents_store, agents_writer) = reflector::store();
+        let (grants_store, grants_writer) = reflector::store();
+        let (pods_store, pods_writer) = reflector::store();
+        let (secrets_store, secrets_writer) = reflector::store();
+        let (sa_store, sa_writer) = reflector::store();
+        let runs = reflector::reflector(runs_writer, watcher(Api::<AgentRun>::all(client.clone()), wc.clone()))
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        let agents = reflector::reflector(agents_writer, watcher(Api::<Agent>::all(client.clone()), wc.clone()))
+            .default_backoff()
+            .touched_objects()
+            .boxed();
+        let grants = reflector::reflector(grants_writer, watcher(Api::<DelegationGrant>::all(client.clone()), wc))
+            .default_backoff()
+            .touched_objects()
+            .boxed();
+        let pods = reflector::reflector(pods_writer, watcher(Api::<Pod>::all(client.clone()), children.clone()))
+            .default_backoff()
+            .touched_objects()
+            .boxed();
+        let secrets = reflector::reflector(
+            secrets_writer,
+            watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), children.clone()),
+        )
+        .default_backoff()
+        .touched_objects()
+        .boxed();
+        let service_accounts = reflector::reflector(
+            sa_writer,
+            watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()), children),
+        )
+        .default_backoff()
+        .touched_objects()
+        .boxed();
+        Watches {
+            stores: Stores {
+                agents: agents_store,
+                grants: grants_store,
+                runs: runs_store,
+                pods: pods_store,
+                secrets: secrets_store,
+                service_accounts: sa_store,
+            },
+            runs,
+            agents,
+            grants,
+            pods,
+            secrets,
+            service_accounts,
+        }
+    }
+}
+
+impl Stores {
+    /// Waits until every cache has its initial list.
+    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.runs.wait_until_ready().await?;
+        self.agents.wait_until_ready().await?;
+        self.grants.wait_until_ready().await?;
+        self.pods.wait_until_ready().await?;
+        self.secrets.wait_until_ready().await?;
+        self.service_accounts.wait_until_ready().await?;
+        Ok(())
+    }
+}
+
+/// Runs the AgentRun controller and the grant/agent status loops until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    cfg: ControllerConfig,
+    keys: Arc<KeyStore>,
+    watches: Watches,
+    metrics: Arc<Metrics>,
+    reporter_instance: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let Watches { stores, runs, agents, grants, pods, secrets, service_accounts } = watches;
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "deputy".into(), instance: reporter_instance });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        cfg,
+        keys,
+        stores: stores.clone(),
+        recorder,
+        metrics,
+        failures: Mutex::new(HashMap::new()),
+        status_triggers: tx,
+    });
+
+    // Which runs an Agent, grant or parent change concerns.
+    let runs_for_agent = {
+        let runs = stores.runs.clone();
+        move |agent: Agent| {
+            let (ns, name) = (agent.namespace(), agent.name_any());
+            runs.state()
+                .into_iter()
+                .filter(|r| r.namespace() == ns && r.spec.agent == name)
+                .map(|r| ObjectRef::from_obj(&*r))
+                .collect::<Vec<_>>()
+        }
+    };
+    let runs_for_grant = {
+        let runs = stores.runs.clone();
+        move |g: DelegationGrant| {
+            let ns = g.namespace();
+            runs.state()
+                .into_iter()
+                .filter(|r| r.namespace() == ns && r.spec.agent == g.spec.agent && r.spec.principal == g.spec.principal)
+                .map(|r| ObjectRef::from_obj(&*r))
+                .collect::<Vec<_>>()
+        }
+    };
+    let children_of = {
+        let runs = stores.runs.clone();
+        move |parent: AgentRun| {
+            let (ns, name) = (parent.namespace(), parent.name_any());
+            runs.state()
+                .into_iter()
+                .filter(|r| r.namespace() == ns && r.spec.parent_run.as_deref() == Some(name.as_str()))
+                .map(|r| ObjectRef::from_obj(&*r))
+                .collect::<Vec<_>>()
+        }
+    };
+
+    // The runs stream drives both the controller (as its main stream) and the parent→child
+    // mapping: split it.
+    let (runs_main, runs_parent) = split(runs);
+
+    let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let status_loop = grants::status_loop(ctx.clone(), rx, shutdown_tx.subscribe());
+    let mut stop = shutdown_tx.subscribe();
+    let controller = Controller::for_stream(runs_main, stores.runs.clone())
+        .owns_stream(pods)
+        .owns_stream(secrets)
+        .owns_stream(service_accounts)
+        .watches_stream(agents, runs_for_agent)
+        .watches_stream(grants, runs_for_grant)
+        .watches_stream(runs_parent, children_of)
+        .graceful_shutdown_on(async move {
+            let _ = stop.recv().await;
+        })
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile stream");
+            }
+        });
+    let stopper = async move {
+        shutdown.await;
+        let _ = shutdown_tx.send(());
+    };
+    tokio::join!(controller, status_loop, stopper);
+}
+
+/// Duplicates a stream of results so two consumers each see every item.
+type WatchStream<T> = futures::stream::BoxStream<'static, Result<T, watcher::Error>>;
+
+fn split<T: Clone + Send + 'static>(stream: WatchStream<T>) -> (WatchStream<T>, WatchStream<T>) {
+    let (tx, rx) = mpsc::unbounded_channel::<T>();
+    let first = stream
+        .inspect(move |item| {
+            if let Ok(obj) = item {
+                let _ = tx.send(obj.clone());
+            }
+        })
+        .boxed();
+    let second = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok).boxed();
+    (first, second)
+}
+
+/// An action to requeue after `d`, bounded below by one second.
+fn requeue(d: Duration) -> Action {
+    Action::requeue(d.max(Duration::from_secs(1)))
+}

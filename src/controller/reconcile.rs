@@ -1,0 +1,655 @@
+//! Reconciling one AgentRun: authorise → ServiceAccount → token Secret → Pod → status; rotate
+//! the token at about half its life; revoke on every trigger.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::children::{self, RunInfo};
+use super::{Context, Error, FINALIZER, MANAGER, requeue};
+use crate::audit::{Action as AuditAction, Record};
+use crate::authorization::{self, Authorization, Decision, Input, Reason, Refusal};
+use crate::resources::{AgentRun, AgentRunStatus, Condition, RunPhase, set_condition};
+use crate::scope;
+use crate::tokens::{RunRef, RunTokenSpec};
+
+/// Condition types on an AgentRun.
+pub const COND_AUTHORIZED: &str = "Authorized";
+pub const COND_TOKEN_ISSUED: &str = "TokenIssued";
+pub const COND_REVOKED: &str = "Revoked";
+
+#[tracing::instrument(skip_all, fields(run = %run.name_any(), namespace = run.namespace().unwrap_or_default()))]
+pub async fn reconcile(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = run.namespace().ok_or(Error::MissingField("metadata.namespace"))?;
+    let key = format!("{ns}/{}", run.name_any());
+    let api: Api<AgentRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let started = std::time::Instant::now();
+    let result = finalizer(&api, FINALIZER, run, |event| async {
+        match event {
+            Finalizer::Apply(run) => apply(&run, &ctx).await,
+            Finalizer::Cleanup(run) => cleanup(&run, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::AddFinalizer(e) | kube::runtime::finalizer::Error::RemoveFinalizer(e) => {
+            Error::Kube(e)
+        }
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics.observe_reconcile(started.elapsed(), result.as_ref().err().map(Error::category));
+    if result.is_ok() {
+        ctx.succeeded(&key);
+    }
+    result
+}
+
+/// Transient errors are retried with a capped exponential backoff per object.
+pub fn error_policy(run: Arc<AgentRun>, err: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
+    let delay = ctx.backoff(&key);
+    tracing::warn!(run = %key, error = %err, category = err.category(), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+/// What the engine needs from the caches.
+fn decide(run: &AgentRun, ctx: &Context, now: Timestamp) -> Decision {
+    let ns = run.namespace().unwrap_or_default();
+    let agent = ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns));
+    let grants: Vec<_> =
+        ctx.stores.grants.state().into_iter().filter(|g| g.namespace().as_deref() == Some(ns.as_str())).collect();
+    let parent = run.spec.parent_run.as_ref().and_then(|p| ctx.stores.runs.get(&ObjectRef::new(p).within(&ns)));
+    authorization::authorize(Input {
+        run,
+        agent: agent.as_deref(),
+        grants: &grants,
+        parent: parent.as_deref(),
+        now,
+        policy: &ctx.cfg.policy,
+    })
+}
+
+async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
+    let now = now();
+    let status = run.status.clone().unwrap_or_default();
+    let phase = status.phase.unwrap_or(RunPhase::Pending);
+
+    if phase.is_terminal() {
+        // Final. Make sure nothing it held survives (e.g. the operator died mid-revocation).
+        if status.revoked_at.is_none() && phase != RunPhase::Denied {
+            remove_credentials(run, ctx, stop_pod(phase)).await?;
+            let mut s = status.clone();
+            s.revoked_at = Some(now);
+            write_status(run, ctx, s).await?;
+        }
+        return Ok(Action::await_change());
+    }
+
+    if run.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+
+    if phase.is_active() && run.annotations().contains_key(crate::server::REVOKE_ANNOTATION) {
+        return end(run, ctx, RunPhase::Revoked, "SelfRevoked", "the run revoked its own tokens").await;
+    }
+    if phase.is_active()
+        && let Some(deadline) = status.deadline
+        && now >= deadline
+    {
+        return end(run, ctx, RunPhase::Expired, "DeadlineExceeded", "the run reached its deadline").await;
+    }
+
+    match (phase.is_active(), decide(run, ctx, now)) {
+        (false, Decision::Denied(refusal)) if refusal.reason.is_transient() => wait(run, ctx, refusal, now).await,
+        (false, Decision::Denied(refusal)) => deny(run, ctx, refusal, now).await,
+        (false, Decision::Authorized(auth)) => authorize(run, ctx, auth, now).await,
+        (true, Decision::Denied(refusal)) => {
+            let reason = revocation_reason(refusal.reason);
+            end(run, ctx, RunPhase::Revoked, reason, &refusal.message).await
+        }
+        (true, Decision::Authorized(auth)) => {
+            if let Some(why) = authority_reduced(&status, &auth) {
+                return end(run, ctx, RunPhase::Revoked, "AuthorityReduced", &why).await;
+            }
+            keep_active(run, ctx, status, now).await
+        }
+    }
+}
+
+/// Whether stop the pod when a run ends in `phase` (a finished pod is kept for its logs).
+fn stop_pod(phase: RunPhase) -> bool {
+    !matches!(phase, RunPhase::Succeeded | RunPhase::Failed | RunPhase::Denied)
+}
+
+/// The reason recorded when an active run loses its authority.
+fn revocation_reason(r: Reason) -> &'static str {
+    match r {
+        Reason::AgentNotFound | Reason::AgentDeleted => "AgentDeleted",
+        Reason::NoGrant | Reason::GrantNotYetValid => "GrantDeleted",
+        Reason::GrantExpired => "GrantExpired",
+        Reason::ParentNotFound | Reason::ParentNotActive => "ParentEnded",
+        other => other.as_str(),
+    }
+}
+
+/// An active run keeps only what it was given; if its grants now give less, it is revoked
+/// rather than silently narrowed (its tokens already carry the old scopes).
+fn authority_reduced(status: &AgentRunStatus, auth: &Authorization) -> Option<String> {
+    let held = scope::parse_all(&status.granted_scopes).unwrap_or_default();
+    if let Some(lost) = held.iter().find(|s| !scope::covered_by(s, &auth.scopes)) {
+        return Some(format!("scope {lost} is no longer granted"));
+    }
+    if let Some(lost) = status.granted_audiences.iter().find(|a| !auth.audiences.contains(a)) {
+        return Some(format!("audience {lost} is no longer granted"));
+    }
+    None
+}
+
+fn reference(run: &AgentRun) -> k8s_openapi::api::core::v1::ObjectReference {
+    run.object_ref(&())
+}
+
+async fn publish(ctx: &Context, run: &AgentRun, type_: EventType, reason: &str, action: &str, note: String) {
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&ev, &reference(run)).await {
+        tracing::warn!(error = %e, "could not publish an Event");
+    }
+}
+
+async fn write_status(run: &AgentRun, ctx: &Context, mut status: AgentRunStatus) -> Result<(), Error> {
+    status.observed_generation = run.metadata.generation;
+    if run.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<AgentRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun", "status": status});
+    api.patch_status(&run.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+fn chain_of(status: &AgentRunStatus) -> Vec<String> {
+    status.delegation_chain.get(1..).map(<[String]>::to_vec).unwrap_or_default()
+}
+
+/// A pending run that names something not there yet waits for it.
+async fn wait(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -> Result<Action, Error> {
+    let mut status = run.status.clone().unwrap_or_default();
+    let already = status.reason.as_deref() == Some(refusal.reason.as_str());
+    status.phase = Some(RunPhase::Pending);
+    status.reason = Some(refusal.reason.as_str().into());
+    status.message = Some(refusal.message.clone());
+    set_condition(
+        &mut status.conditions,
+        Condition::new(
+            COND_AUTHORIZED,
+            false,
+            refusal.reason.as_str(),
+            refusal.message.clone(),
+            now,
+            run.metadata.generation,
+        ),
+    );
+    write_status(run, ctx, status).await?;
+    if !already {
+        publish(
+            ctx,
+            run,
+            EventType::Warning,
+            refusal.reason.as_str(),
+            "Authorize",
+            format!("waiting: {}", refusal.message),
+        )
+        .await;
+    }
+    // A grant that becomes valid later is the only change no watch event announces.
+    Ok(match next_grant_change(run, ctx, now) {
+        Some(at) => requeue(until(now, at)),
+        None => Action::await_change(),
+    })
+}
+
+async fn deny(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -> Result<Action, Error> {
+    let mut status = run.status.clone().unwrap_or_default();
+    status.phase = Some(RunPhase::Denied);
+    status.reason = Some(refusal.reason.as_str().into());
+    status.message = Some(refusal.message.clone());
+    status.denied_scopes = refusal.denied_scopes.clone();
+    status.completed_at = Some(now);
+    set_condition(
+        &mut status.conditions,
+        Condition::new(
+            COND_AUTHORIZED,
+            false,
+            refusal.reason.as_str(),
+            refusal.message.clone(),
+            now,
+            run.metadata.generation,
+        ),
+    );
+    write_status(run, ctx, status).await?;
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let requested = run.spec.scopes.clone();
+    Record {
+        scopes: &requested,
+        audiences: &run.spec.audiences,
+        reason: Some(refusal.reason.as_str()),
+        message: Some(&refusal.message),
+        task: Some(&run.spec.task),
+        ..Record::new(AuditAction::Denied, &run.spec.principal, &[], &ns, &name, &run.spec.agent)
+    }
+    .emit();
+    ctx.metrics.run_denied(refusal.reason.as_str());
+    publish(ctx, run, EventType::Warning, refusal.reason.as_str(), "Authorize", refusal.message).await;
+    Ok(Action::await_change())
+}
+
+/// Mints a run token into the run's Secret; returns the new token's issue and expiry times
+/// and its jti.
+async fn mint(
+    run: &AgentRun,
+    ctx: &Context,
+    status: &AgentRunStatus,
+    now: Timestamp,
+) -> Result<(Timestamp, Timestamp, String), Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let identity = status.identity.clone().ok_or(Error::MissingField("status.identity"))?;
+    let ttl = status
+        .token_ttl
+        .as_deref()
+        .and_then(|t| crate::duration::parse(t).ok())
+        .unwrap_or(ctx.cfg.policy.default_token_ttl);
+    let deadline = status.deadline.ok_or(Error::MissingField("status.deadline"))?;
+    let actors = chain_of(status);
+    let scopes = scope::parse_all(&status.granted_scopes).unwrap_or_default();
+    let keys = ctx.keys.get();
+    let claims = RunTokenSpec {
+        issuer: ctx.keys.issuer(),
+        principal: &run.spec.principal,
+        audiences: &status.granted_audiences,
+        identity: &identity,
+        scope: scope::to_claim(&scopes),
+        actors: &actors,
+        run: RunRef { namespace: ns.clone(), name: name.clone(), uid: run.uid().unwrap_or_default() },
+        task: &run.spec.task,
+        issued_at: now,
+        ttl,
+        not_after: deadline,
+    }
+    .claims();
+    let token = keys.set.active().sign(&claims)?;
+    let expires = claims.expires_at();
+    let next = children::rotation_at(now, expires, &run.uid().unwrap_or_default(), status.rotations + 1);
+    let info = RunInfo {
+        issuer: ctx.keys.issuer(),
+        token_endpoint: &ctx.cfg.children.token_endpoint,
+        identity: &identity,
+        namespace: &ns,
+        run: &name,
+        principal: &run.spec.principal,
+        scopes: status.granted_scopes.clone(),
+        audiences: &status.granted_audiences,
+        token_file: format!("{}/{}", children::MOUNT_PATH, children::TOKEN_KEY),
+        actor_token_file: format!("{}/{}", children::MOUNT_PATH, children::ACTOR_TOKEN_PATH),
+        token_expires_at: expires,
+        next_rotation_at: next.min(expires),
+        deadline,
+    };
+    let secret = children::desired_secret(run, &token, &info)?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch(&children::child_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret)).await?;
+    ctx.metrics.token_minted("run");
+    Ok((now, expires, claims.jti))
+}
+
+async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Timestamp) -> Result<Action, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let agent =
+        ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns)).ok_or(Error::MissingField("agent"))?;
+    // Build every child first: a template that cannot become a pod is a denial, before
+    // anything is created.
+    let pod = match children::desired_pod(run, &agent, &auth, &ctx.cfg.children, now) {
+        Ok(p) => p,
+        Err(e) => {
+            let refusal = Refusal { reason: Reason::InvalidSpec, message: e.to_string(), denied_scopes: vec![] };
+            return deny(run, ctx, refusal, now).await;
+        }
+    };
+    let sa = children::desired_service_account(run, &agent, &auth);
+
+    let mut status = run.status.clone().unwrap_or_default();
+    auth.record_in(&mut status);
+    let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
+    sa_api.patch(&children::child_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&sa)).await?;
+    let (iat, exp, jti) = mint(run, ctx, &status, now).await?;
+
+    status.phase = Some(RunPhase::Authorized);
+    status.service_account = Some(children::child_name(&name));
+    status.token_issued_at = Some(iat);
+    status.token_expires_at = Some(exp);
+    status.token_id = Some(jti.clone());
+    status.reason = Some("Authorized".into());
+    status.message = Some(format!("authorised by {}", auth.grants.join(", ")));
+    let scopes_text = status.granted_scopes.join(" ");
+    set_condition(
+        &mut status.conditions,
+        Condition::new(
+            COND_AUTHORIZED,
+            true,
+            "Authorized",
+            format!("granted {scopes_text}"),
+            now,
+            run.metadata.generation,
+        ),
+    );
+    set_condition(
+        &mut status.conditions,
+        Condition::new(
+            COND_TOKEN_ISSUED,
+            true,
+            "Minted",
+            format!("run token expires at {exp}"),
+            now,
+            run.metadata.generation,
+        ),
+    );
+    write_status(run, ctx, status.clone()).await?;
+
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    pod_api.patch(&children::child_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&pod)).await?;
+
+    let actors = chain_of(&status);
+    let base = Record {
+        scopes: &status.granted_scopes,
+        audiences: &status.granted_audiences,
+        task: Some(&run.spec.task),
+        ..Record::new(AuditAction::Authorized, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
+    };
+    Record { reason: Some("Authorized"), ..base.clone() }.emit();
+    Record { action: AuditAction::Minted, jti: Some(&jti), exp: Some(exp.as_second()), ..base }.emit();
+    ctx.metrics.run_authorized();
+    ctx.touch_status_of(&AgentRun { status: Some(status.clone()), ..run.clone() });
+    publish(
+        ctx,
+        run,
+        EventType::Normal,
+        "Authorized",
+        "Authorize",
+        format!("identity {} granted {scopes_text}", auth.identity),
+    )
+    .await;
+    Ok(next_wakeup(run, &status, ctx, now))
+}
+
+/// An active run: follow its pod, rotate its token, recreate missing children.
+async fn keep_active(
+    run: &AgentRun,
+    ctx: &Context,
+    mut status: AgentRunStatus,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let child = children::child_name(&name);
+    let child_ref = |_: ()| ObjectRef::<Pod>::new(&child).within(&ns);
+
+    // The pod.
+    let mut pod = ctx.stores.pods.get(&child_ref(()));
+    if pod.is_none() {
+        // The cache may lag our own create; ask before acting.
+        pod = Api::<Pod>::namespaced(ctx.client.clone(), &ns).get_opt(&child).await?.map(Arc::new);
+    }
+    let pod_phase = pod.as_ref().and_then(|p| p.status.as_ref()).and_then(|s| s.phase.clone());
+    match (pod.as_ref(), pod_phase.as_deref()) {
+        (Some(_), Some("Succeeded")) => {
+            return end(run, ctx, RunPhase::Succeeded, "PodSucceeded", "the run's pod completed").await;
+        }
+        (Some(_), Some("Failed")) => return end(run, ctx, RunPhase::Failed, "PodFailed", "the run's pod failed").await,
+        (Some(p), _) if p.metadata.deletion_timestamp.is_some() => {
+            return end(run, ctx, RunPhase::Failed, "PodDeleted", "the run's pod was deleted").await;
+        }
+        (None, _) if status.phase == Some(RunPhase::Running) => {
+            return end(run, ctx, RunPhase::Failed, "PodDeleted", "the run's pod was deleted").await;
+        }
+        (None, _) => {
+            // Authorized but the pod is missing (e.g. the operator stopped before creating it).
+            let agent = ctx
+                .stores
+                .agents
+                .get(&ObjectRef::new(&run.spec.agent).within(&ns))
+                .ok_or(Error::MissingField("agent"))?;
+            if let Decision::Authorized(auth) = decide(run, ctx, now)
+                && let Ok(p) = children::desired_pod(run, &agent, &auth, &ctx.cfg.children, now)
+            {
+                Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+                    .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&p))
+                    .await?;
+            }
+        }
+        (Some(_), Some("Running")) if status.phase == Some(RunPhase::Authorized) => {
+            status.phase = Some(RunPhase::Running);
+            status.reason = Some("PodRunning".into());
+            status.message = Some("the run's pod is running".into());
+        }
+        _ => {}
+    }
+
+    // The ServiceAccount and the Secret must exist while the run is active.
+    let sa_missing = ctx.stores.service_accounts.get(&ObjectRef::new(&child).within(&ns)).is_none()
+        && Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns).get_metadata_opt(&child).await?.is_none();
+    if sa_missing {
+        let agent =
+            ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns)).ok_or(Error::MissingField("agent"))?;
+        if let Decision::Authorized(auth) = decide(run, ctx, now) {
+            let sa = children::desired_service_account(run, &agent, &auth);
+            Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns)
+                .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&sa))
+                .await?;
+        }
+    }
+    let secret_missing = ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns)).is_none()
+        && Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_metadata_opt(&child).await?.is_none();
+
+    // Rotation at about half the token's life (or at once if the Secret went missing).
+    let due = match (status.token_issued_at, status.token_expires_at) {
+        (Some(iat), Some(exp)) => {
+            now >= children::rotation_at(iat, exp, &run.uid().unwrap_or_default(), status.rotations + 1)
+        }
+        _ => true,
+    };
+    if due || secret_missing {
+        let (iat, exp, jti) = mint(run, ctx, &status, now).await?;
+        status.token_issued_at = Some(iat);
+        status.token_expires_at = Some(exp);
+        status.token_id = Some(jti.clone());
+        status.rotations += 1;
+        set_condition(
+            &mut status.conditions,
+            Condition::new(
+                COND_TOKEN_ISSUED,
+                true,
+                "Rotated",
+                format!("run token expires at {exp}"),
+                now,
+                run.metadata.generation,
+            ),
+        );
+        let actors = chain_of(&status);
+        Record {
+            scopes: &status.granted_scopes,
+            audiences: &status.granted_audiences,
+            jti: Some(&jti),
+            exp: Some(exp.as_second()),
+            reason: Some(if secret_missing { "SecretMissing" } else { "Rotation" }),
+            ..Record::new(AuditAction::Rotated, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
+        }
+        .emit();
+    }
+    write_status(run, ctx, status.clone()).await?;
+    Ok(next_wakeup(run, &status, ctx, now))
+}
+
+/// Ends a run: terminal status first (so every replica's token endpoint refuses its tokens at
+/// once), then its credentials are deleted, then `revokedAt` records that they are gone.
+async fn end(run: &AgentRun, ctx: &Context, phase: RunPhase, reason: &str, message: &str) -> Result<Action, Error> {
+    let now = now();
+    let ns = run.namespace().unwrap_or_default();
+    let name = run.name_any();
+    let mut status = run.status.clone().unwrap_or_default();
+    let was_active = status.phase.is_some_and(RunPhase::is_active);
+    status.phase = Some(phase);
+    status.reason = Some(reason.into());
+    status.message = Some(message.into());
+    status.completed_at = Some(now);
+    let revoked = matches!(phase, RunPhase::Revoked | RunPhase::Expired);
+    set_condition(
+        &mut status.conditions,
+        Condition::new(COND_REVOKED, true, reason, message, now, run.metadata.generation),
+    );
+    if revoked {
+        set_condition(
+            &mut status.conditions,
+            Condition::new(COND_AUTHORIZED, false, reason, message, now, run.metadata.generation),
+        );
+    }
+    set_condition(
+        &mut status.conditions,
+        Condition::new(
+            COND_TOKEN_ISSUED,
+            false,
+            "Revoked",
+            "the run's tokens are no longer valid",
+            now,
+            run.metadata.generation,
+        ),
+    );
+    write_status(run, ctx, status.clone()).await?;
+
+    let actors = chain_of(&status);
+    Record {
+        scopes: &status.granted_scopes,
+        audiences: &status.granted_audiences,
+        jti: status.token_id.as_deref(),
+        reason: Some(reason),
+        message: Some(message),
+        ..Record::new(AuditAction::Revoked, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
+    }
+    .emit();
+    ctx.metrics.run_ended(reason);
+    publish(
+        ctx,
+        run,
+        if revoked { EventType::Warning } else { EventType::Normal },
+        reason,
+        "Revoke",
+        message.to_string(),
+    )
+    .await;
+
+    remove_credentials(run, ctx, stop_pod(phase)).await?;
+    status.revoked_at = Some(Timestamp::now());
+    let updated = AgentRun { status: Some(status.clone()), ..run.clone() };
+    // write_status compares with the stored status, which still lacks revokedAt.
+    let api: Api<AgentRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun", "status": status});
+    api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    if was_active {
+        ctx.touch_status_of(&updated);
+    }
+    Ok(Action::await_change())
+}
+
+/// Deletes the run's Secret and ServiceAccount (bound SA tokens die with it) and, when asked,
+/// its pod. Missing objects are fine.
+async fn remove_credentials(run: &AgentRun, ctx: &Context, pod_too: bool) -> Result<(), Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let child = children::child_name(&run.name_any());
+    let dp = DeleteParams::background();
+    ignore_missing(Api::<Secret>::namespaced(ctx.client.clone(), &ns).delete(&child, &dp).await.map(|_| ()))?;
+    ignore_missing(Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns).delete(&child, &dp).await.map(|_| ()))?;
+    if pod_too {
+        ignore_missing(Api::<Pod>::namespaced(ctx.client.clone(), &ns).delete(&child, &dp).await.map(|_| ()))?;
+    }
+    Ok(())
+}
+
+fn ignore_missing(r: Result<(), kube::Error>) -> Result<(), Error> {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other.map_err(Error::from),
+    }
+}
+
+/// The run is being deleted: revoke it if it was live, remove its credentials, and let the
+/// finalizer go (the garbage collector removes the rest by owner reference).
+async fn cleanup(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
+    let status = run.status.clone().unwrap_or_default();
+    if status.phase.is_some_and(RunPhase::is_active) {
+        let ns = run.namespace().unwrap_or_default();
+        let name = run.name_any();
+        let actors = chain_of(&status);
+        Record {
+            scopes: &status.granted_scopes,
+            audiences: &status.granted_audiences,
+            jti: status.token_id.as_deref(),
+            reason: Some("RunDeleted"),
+            ..Record::new(AuditAction::Revoked, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
+        }
+        .emit();
+        ctx.metrics.run_ended("RunDeleted");
+        ctx.touch_status_of(run);
+    }
+    remove_credentials(run, ctx, true).await?;
+    Ok(Action::await_change())
+}
+
+/// The earliest future `notBefore`/`expiresAt` among the grants for this run's
+/// (principal, agent).
+fn next_grant_change(run: &AgentRun, ctx: &Context, now: Timestamp) -> Option<Timestamp> {
+    let ns = run.namespace();
+    ctx.stores
+        .grants
+        .state()
+        .iter()
+        .filter(|g| g.namespace() == ns && g.spec.principal == run.spec.principal && g.spec.agent == run.spec.agent)
+        .flat_map(|g| [g.spec.not_before.clone(), g.spec.expires_at.clone()])
+        .flatten()
+        .filter_map(|t| t.parse::<Timestamp>().ok())
+        .filter(|t| *t > now)
+        .min()
+}
+
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    let d = at.as_millisecond() - now.as_millisecond();
+    Duration::from_millis(u64::try_from(d.max(0)).unwrap_or(0))
+}
+
+/// Requeue exactly at the next moment that matters: rotation, deadline, or a grant change.
+fn next_wakeup(run: &AgentRun, status: &AgentRunStatus, ctx: &Context, now: Timestamp) -> Action {
+    let mut at: Vec<Timestamp> = vec![];
+    if let (Some(iat), Some(exp)) = (status.token_issued_at, status.token_expires_at) {
+        at.push(children::rotation_at(iat, exp, &run.uid().unwrap_or_default(), status.rotations + 1));
+    }
+    at.extend(status.deadline);
+    at.extend(next_grant_change(run, ctx, now));
+    match at.into_iter().min() {
+        Some(t) => requeue(until(now, t)),
+        None => requeue(Duration::from_secs(300)),
+    }
+}

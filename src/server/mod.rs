@@ -1,0 +1,511 @@
+//! The token endpoint (RFC 8693 exchange, RFC 7662 introspection, RFC 7009 revocation,
+//! discovery and JWKS) and the admin endpoints (probes and metrics), on separate listeners.
+
+pub mod oauth;
+pub mod review;
+pub mod tls;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::audit::{Action as AuditAction, Record};
+use crate::controller::children;
+use crate::metrics::Metrics;
+use crate::resources::AgentRun;
+use crate::scope::{self, Scope};
+use crate::signing::KeyStore;
+use crate::tokens::{Audience, AudienceCheck, Claims};
+use oauth::{ErrorCode, Form, OAuthError, bearer, invalid_request};
+use review::{ReviewError, Reviewer};
+
+/// The largest request body accepted on any endpoint.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The longest lifetime of an exchanged token.
+pub const MAX_EXCHANGED_TTL_SECS: i64 = 300;
+/// The annotation the token endpoint sets when a run revokes itself; the controller ends the
+/// run, and every replica treats the run as inactive from the moment it sees it.
+pub const REVOKE_ANNOTATION: &str = "deputy.dev/revoke-requested";
+
+pub const GRANT_TYPE_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// Everything the handlers share.
+pub struct EndpointState {
+    pub keys: Arc<KeyStore>,
+    pub runs: Store<AgentRun>,
+    pub reviewer: Reviewer,
+    pub metrics: Arc<Metrics>,
+    pub client: kube::Client,
+    /// The public base URL (the issuer); endpoint URLs in discovery are built from it.
+    pub issuer: String,
+    /// Set once caches are synced and keys are loaded.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The token endpoint's routes.
+pub fn router(state: Arc<EndpointState>) -> Router {
+    Router::new()
+        .route("/token", post(token))
+        .route("/introspect", post(introspect))
+        .route("/revoke", post(revoke))
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/.well-known/oauth-authorization-server", get(discovery))
+        .route("/jwks.json", get(jwks))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The admin routes: probes and metrics.
+pub fn admin_router(state: Arc<EndpointState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<EndpointState>>) -> Response {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced or keys not loaded").into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<EndpointState>>) -> Response {
+    let mut resp = s.metrics.encode().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+fn json_response<T: Serialize>(status: StatusCode, body: &T, cache: &'static str) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = (status, bytes).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    resp
+}
+
+async fn discovery(State(s): State<Arc<EndpointState>>) -> Response {
+    let base = s.issuer.trim_end_matches('/');
+    let doc = json!({
+        "issuer": s.issuer,
+        "token_endpoint": format!("{base}/token"),
+        "introspection_endpoint": format!("{base}/introspect"),
+        "revocation_endpoint": format!("{base}/revoke"),
+        "jwks_uri": format!("{base}/jwks.json"),
+        "grant_types_supported": [GRANT_TYPE_EXCHANGE],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint_auth_methods_supported": ["bearer"],
+        "revocation_endpoint_auth_methods_supported": ["bearer"],
+        "token_endpoint_auth_signing_alg_values_supported": ["EdDSA", "ES256"],
+        "access_token_signing_alg_values_supported": ["EdDSA", "ES256"],
+        "id_token_signing_alg_values_supported": ["EdDSA", "ES256"],
+        "response_types_supported": ["token"],
+        "subject_types_supported": ["public"],
+        "scopes_supported": [],
+    });
+    json_response(StatusCode::OK, &doc, "public, max-age=60")
+}
+
+async fn jwks(State(s): State<Arc<EndpointState>>) -> Response {
+    let keys = s.keys.get();
+    let mut resp = (StatusCode::OK, keys.jwks.clone()).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/jwk-set+json"));
+    // Short enough that a rotation reaches verifiers well within a token's lifetime.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
+    resp
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+}
+
+/// Whether the run a token names is active right now, per this replica's cache.
+pub fn run_of(runs: &Store<AgentRun>, claims: &Claims) -> Option<Arc<AgentRun>> {
+    let run = runs.get(&ObjectRef::new(&claims.run.name).within(&claims.run.namespace))?;
+    (run.metadata.uid.as_deref() == Some(claims.run.uid.as_str())).then_some(run)
+}
+
+pub fn is_active(run: &AgentRun) -> bool {
+    run.metadata.deletion_timestamp.is_none()
+        && !run.annotations().contains_key(REVOKE_ANNOTATION)
+        && run.status.as_ref().and_then(|s| s.phase).is_some_and(crate::resources::RunPhase::is_active)
+}
+
+use kube::ResourceExt;
+
+/// A successful exchange.
+#[derive(Serialize, Debug)]
+pub struct ExchangeResponse {
+    pub access_token: String,
+    pub issued_token_type: &'static str,
+    pub token_type: &'static str,
+    pub expires_in: i64,
+    pub scope: String,
+}
+
+/// The body, or the RFC 6749 error for one that is too large or unreadable.
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, OAuthError> {
+    body.map_err(|e| {
+        let status = e.status();
+        invalid_request(format!("request body refused: {}", e.body_text())).with_status(
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            },
+        )
+    })
+}
+
+async fn token(
+    State(s): State<Arc<EndpointState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = match body_or_error(body) {
+        Ok(body) => exchange(&s, &headers, &body).await,
+        Err(e) => Err((e, None)),
+    };
+    match result {
+        Ok((resp, claims)) => {
+            s.metrics.exchange("ok", started.elapsed());
+            let actors = claims.act.chain();
+            let scopes = claims.scopes().into_iter().map(String::from).collect::<Vec<_>>();
+            let aud = claims.aud.to_vec();
+            Record {
+                scopes: &scopes,
+                audiences: &aud,
+                jti: Some(&claims.jti),
+                exp: Some(claims.exp),
+                ..Record::new(AuditAction::Exchanged, &claims.sub, &actors, &claims.run.namespace, &claims.run.name, "")
+            }
+            .emit();
+            let mut r = json_response(StatusCode::OK, &resp, "no-store");
+            r.headers_mut().insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+            r
+        }
+        Err((err, subject)) => {
+            s.metrics.exchange(err.code.as_str(), started.elapsed());
+            let (principal, actors, ns, run) = match &subject {
+                Some(c) => (c.sub.clone(), c.act.chain(), c.run.namespace.clone(), c.run.name.clone()),
+                None => (String::new(), vec![], String::new(), String::new()),
+            };
+            Record {
+                reason: Some(err.code.as_str()),
+                message: Some(&err.description),
+                ..Record::new(AuditAction::ExchangeRefused, &principal, &actors, &ns, &run, "")
+            }
+            .emit();
+            err.into_response()
+        }
+    }
+}
+
+/// RFC 8693 token exchange. Returns the response and the new token's claims, or the error
+/// and (when the subject token verified) its claims for the audit line.
+pub async fn exchange(
+    s: &EndpointState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(ExchangeResponse, Claims), (OAuthError, Option<Claims>)> {
+    let form = Form::parse(content_type(headers), body).map_err(|e| (e, None))?;
+    let grant_type = form.require("grant_type").map_err(|e| (e, None))?;
+    if grant_type != GRANT_TYPE_EXCHANGE {
+        return Err((
+            OAuthError::new(ErrorCode::UnsupportedGrantType, format!("grant_type must be {GRANT_TYPE_EXCHANGE}")),
+            None,
+        ));
+    }
+    let subject_token = form.require("subject_token").map_err(|e| (e, None))?;
+    let subject_type = form.require("subject_token_type").map_err(|e| (e, None))?;
+    if subject_type != TOKEN_TYPE_JWT && subject_type != TOKEN_TYPE_ACCESS {
+        return Err((invalid_request("subject_token_type must be the jwt or access_token token type"), None));
+    }
+    let actor_token = form.require("actor_token").map_err(|e| (e, None))?;
+    if form.require("actor_token_type").map_err(|e| (e, None))? != TOKEN_TYPE_JWT {
+        return Err((invalid_request("actor_token_type must be urn:ietf:params:oauth:token-type:jwt"), None));
+    }
+    let issued_type = match form.get("requested_token_type") {
+        None | Some(TOKEN_TYPE_ACCESS) => TOKEN_TYPE_ACCESS,
+        Some(TOKEN_TYPE_JWT) => TOKEN_TYPE_JWT,
+        Some(_) => {
+            return Err((invalid_request("requested_token_type must be the access_token or jwt token type"), None));
+        }
+    };
+    let targets: Vec<&str> = form.all("audience").into_iter().chain(form.all("resource")).collect();
+
+    // The subject token: ours, valid now.
+    let keys = s.keys.get();
+    let subject = keys
+        .verifier
+        .verify(subject_token, AudienceCheck::Any)
+        .map_err(|e| (OAuthError::new(ErrorCode::InvalidGrant, format!("subject_token: {e}")), None))?;
+    let fail = |err: OAuthError| (err, Some(subject.clone()));
+
+    // Its run must be active at this moment.
+    let run = run_of(&s.runs, &subject)
+        .ok_or_else(|| fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run does not exist")))?;
+    if !is_active(&run) {
+        return Err(fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run is not active")));
+    }
+    let status = run.status.clone().unwrap_or_default();
+
+    // The actor: the pod of that very run.
+    authenticate_actor(s, actor_token, &run).await.map_err(fail)?;
+
+    // One audience, granted to the run and carried by the subject token.
+    let audience = match targets.as_slice() {
+        [one] => one.to_string(),
+        [] => match &subject.aud {
+            Audience::One(a) => a.clone(),
+            Audience::Many(list) if list.len() == 1 => list[0].clone(),
+            _ => {
+                return Err(fail(OAuthError::new(
+                    ErrorCode::InvalidTarget,
+                    "name the audience (or resource) of the new token",
+                )));
+            }
+        },
+        _ => {
+            let uniq: std::collections::BTreeSet<&&str> = targets.iter().collect();
+            if uniq.len() != 1 {
+                return Err(fail(OAuthError::new(
+                    ErrorCode::InvalidTarget,
+                    "an exchanged token is bound to exactly one audience",
+                )));
+            }
+            targets[0].to_string()
+        }
+    };
+    if !subject.aud.contains(&audience) || !status.granted_audiences.contains(&audience) {
+        return Err(fail(OAuthError::new(
+            ErrorCode::InvalidTarget,
+            format!("audience {audience:?} is not granted to this run"),
+        )));
+    }
+
+    // Scopes: a subset of the subject token's.
+    let held = scope::parse_all(&subject.scopes())
+        .map_err(|_| fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's scope is malformed")))?;
+    let run_held = scope::parse_all(&status.granted_scopes).unwrap_or_default();
+    let wanted: Vec<Scope> = match form.get("scope") {
+        None => held.clone(),
+        Some(s) => {
+            let parsed = s.split(' ').filter(|x| !x.is_empty()).map(Scope::parse).collect::<Result<Vec<_>, _>>();
+            parsed.map_err(|e| fail(OAuthError::new(ErrorCode::InvalidScope, e.to_string())))?
+        }
+    };
+    if wanted.is_empty() {
+        return Err(fail(OAuthError::new(ErrorCode::InvalidScope, "no scope requested")));
+    }
+    if let Some(extra) = wanted.iter().find(|w| !scope::covered_by(w, &held) || !scope::covered_by(w, &run_held)) {
+        return Err(fail(OAuthError::new(
+            ErrorCode::InvalidScope,
+            format!("scope {extra} exceeds the subject token's"),
+        )));
+    }
+    let mut granted = wanted;
+    scope::minimise(&mut granted);
+
+    // Lifetime: ≤ 5 minutes, ≤ the subject token, ≤ the run's deadline.
+    let now = Timestamp::now().as_second();
+    let mut exp = (now + MAX_EXCHANGED_TTL_SECS).min(subject.exp);
+    if let Some(deadline) = status.deadline {
+        exp = exp.min(deadline.as_second());
+    }
+    if exp <= now {
+        return Err(fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token or the run expires now")));
+    }
+    let claims = Claims {
+        iss: s.issuer.clone(),
+        sub: subject.sub.clone(),
+        aud: Audience::One(audience),
+        client_id: subject.client_id.clone(),
+        scope: scope::to_claim(&granted),
+        act: subject.act.clone(),
+        run: subject.run.clone(),
+        task: subject.task.clone(),
+        iat: now,
+        nbf: now,
+        exp,
+        jti: uuid::Uuid::new_v4().to_string(),
+    };
+    let token = keys.set.active().sign(&claims).map_err(|e| {
+        fail(OAuthError::new(ErrorCode::InvalidRequest, e.to_string()).with_status(StatusCode::SERVICE_UNAVAILABLE))
+    })?;
+    s.metrics.token_minted("exchanged");
+    Ok((
+        ExchangeResponse {
+            access_token: token,
+            issued_token_type: issued_type,
+            token_type: "Bearer",
+            expires_in: exp - now,
+            scope: claims.scope.clone(),
+        },
+        claims,
+    ))
+}
+
+/// The actor token must be a bound service-account token for Deputy's issuer, of the run's
+/// own ServiceAccount, and (where the review says which pod it is bound to) of the run's pod.
+async fn authenticate_actor(s: &EndpointState, actor_token: &str, run: &AgentRun) -> Result<(), OAuthError> {
+    let reviewed = s.reviewer.review(actor_token, std::slice::from_ref(&s.issuer)).await.map_err(|e| match e {
+        ReviewError::Rejected(why) => OAuthError::new(ErrorCode::InvalidClient, format!("actor_token: {why}")),
+        ReviewError::Unavailable(why) => {
+            OAuthError::new(ErrorCode::InvalidRequest, format!("actor_token could not be checked: {why}"))
+                .with_status(StatusCode::SERVICE_UNAVAILABLE)
+        }
+    })?;
+    let ns = run.namespace().unwrap_or_default();
+    let child = children::child_name(&run.name_any());
+    let expected = format!("system:serviceaccount:{ns}:{child}");
+    if reviewed.username != expected {
+        return Err(OAuthError::new(
+            ErrorCode::UnauthorizedClient,
+            "actor_token does not belong to the subject token's run",
+        ));
+    }
+    if let Some(pod) = reviewed.pod_name.as_deref()
+        && pod != child
+    {
+        return Err(OAuthError::new(ErrorCode::UnauthorizedClient, "actor_token is bound to another pod"));
+    }
+    Ok(())
+}
+
+async fn introspect(
+    State(s): State<Arc<EndpointState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_or_error(body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    // The caller (a resource server) authenticates with a Kubernetes token.
+    let Some(caller) = bearer(&headers) else {
+        s.metrics.introspection("unauthorized");
+        return OAuthError::new(ErrorCode::InvalidClient, "authenticate with a bearer token").into_response();
+    };
+    if let Err(e) = s.reviewer.review(caller, &[]).await {
+        s.metrics.introspection("unauthorized");
+        let err = match e {
+            ReviewError::Rejected(why) => OAuthError::new(ErrorCode::InvalidClient, why),
+            ReviewError::Unavailable(why) => {
+                OAuthError::new(ErrorCode::InvalidRequest, why).with_status(StatusCode::SERVICE_UNAVAILABLE)
+            }
+        };
+        return err.into_response();
+    }
+    let form = match Form::parse(content_type(&headers), &body) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let token = match form.require("token") {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let answer = introspection(&s, token);
+    s.metrics.introspection(if answer["active"] == true { "active" } else { "inactive" });
+    json_response(StatusCode::OK, &answer, "no-store")
+}
+
+/// RFC 7662 answer for `token`: inactive for anything expired, malformed, foreign, or of a
+/// run that is not active right now.
+pub fn introspection(s: &EndpointState, token: &str) -> serde_json::Value {
+    let inactive = json!({"active": false});
+    let Ok(c) = s.keys.get().verifier.verify(token, AudienceCheck::Any) else { return inactive };
+    let Some(run) = run_of(&s.runs, &c) else { return inactive };
+    if !is_active(&run) {
+        return inactive;
+    }
+    json!({
+        "active": true,
+        "iss": c.iss,
+        "sub": c.sub,
+        "act": c.act,
+        "aud": c.aud,
+        "client_id": c.client_id,
+        "scope": c.scope,
+        "token_type": "Bearer",
+        "exp": c.exp,
+        "iat": c.iat,
+        "nbf": c.nbf,
+        "jti": c.jti,
+        "run": c.run,
+        "task": c.task,
+    })
+}
+
+async fn revoke(
+    State(s): State<Arc<EndpointState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_or_error(body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let Some(actor) = bearer(&headers) else {
+        return OAuthError::new(ErrorCode::InvalidClient, "authenticate with the run's actor token as a bearer token")
+            .into_response();
+    };
+    let form = match Form::parse(content_type(&headers), &body) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let token = match form.require("token") {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    // RFC 7009 §2.2: an invalid or unknown token still gets 200.
+    let Ok(c) = s.keys.get().verifier.verify(token, AudienceCheck::Any) else { return StatusCode::OK.into_response() };
+    let Some(run) = run_of(&s.runs, &c) else { return StatusCode::OK.into_response() };
+    if let Err(e) = authenticate_actor(&s, actor, &run).await {
+        return e.into_response();
+    }
+    if !is_active(&run) {
+        return StatusCode::OK.into_response();
+    }
+    let api: Api<AgentRun> = Api::namespaced(s.client.clone(), &c.run.namespace);
+    let patch = json!({"metadata": {"annotations": {REVOKE_ANNOTATION: Timestamp::now().to_string()}}});
+    match api.patch(&c.run.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            let actors = c.act.chain();
+            Record {
+                jti: Some(&c.jti),
+                reason: Some("SelfRevoked"),
+                ..Record::new(AuditAction::Revoked, &c.sub, &actors, &c.run.namespace, &c.run.name, "")
+            }
+            .emit();
+            StatusCode::OK.into_response()
+        }
+        Err(e) => OAuthError::new(ErrorCode::InvalidRequest, format!("could not revoke: {e}"))
+            .with_status(StatusCode::SERVICE_UNAVAILABLE)
+            .into_response(),
+    }
+}

@@ -1,0 +1,134 @@
+//! Authenticating Kubernetes service-account tokens with the TokenReview API, with a cache
+//! of successful reviews (failures are never cached).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::Client;
+use kube::api::{Api, PostParams};
+
+use crate::metrics::Metrics;
+
+/// Who a token belongs to, as the API server says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reviewed {
+    pub username: String,
+    pub uid: Option<String>,
+    /// `authentication.kubernetes.io/pod-name`, when the token is bound to a pod.
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+/// Why a token was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReviewError {
+    #[error("the token is not valid: {0}")]
+    Rejected(String),
+    #[error("the token could not be checked: {0}")]
+    Unavailable(String),
+}
+
+/// How long a successful review is trusted at most, and how far before the token's own
+/// expiry it stops being trusted.
+const MAX_CACHE: Duration = Duration::from_secs(300);
+const EXPIRY_MARGIN: i64 = 30;
+const MAX_ENTRIES: usize = 50_000;
+
+/// The token's SHA-256 and the audiences it was reviewed for.
+type CacheKey = ([u8; 32], Vec<String>);
+
+struct Entry {
+    reviewed: Reviewed,
+    until: Instant,
+}
+
+/// A TokenReview client with a cache.
+pub struct Reviewer {
+    client: Client,
+    cache: Mutex<HashMap<CacheKey, Entry>>,
+    metrics: Arc<Metrics>,
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// How long a review of `token` may be cached: until shortly before the token's `exp` when
+/// it is a JWT (a bound service-account token is), never longer than [`MAX_CACHE`].
+fn cache_for(token: &str) -> Duration {
+    let exp = crate::tokens::verify::peek_claims(token).ok().and_then(|c| c.get("exp").and_then(|e| e.as_i64()));
+    match exp {
+        Some(exp) => {
+            let left = exp - jiff::Timestamp::now().as_second() - EXPIRY_MARGIN;
+            Duration::from_secs(u64::try_from(left).unwrap_or(0)).min(MAX_CACHE)
+        }
+        None => Duration::from_secs(60),
+    }
+}
+
+impl Reviewer {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Reviewer {
+        Reviewer { client, cache: Mutex::new(HashMap::new()), metrics }
+    }
+
+    /// Authenticates `token` for `audiences` (empty: the API server's default audience).
+    pub async fn review(&self, token: &str, audiences: &[String]) -> Result<Reviewed, ReviewError> {
+        let key = (digest(token), audiences.to_vec());
+        let now = Instant::now();
+        if let Ok(cache) = self.cache.lock()
+            && let Some(e) = cache.get(&key)
+            && e.until > now
+        {
+            self.metrics.token_review("cache_hit");
+            return Ok(e.reviewed.clone());
+        }
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: (!audiences.is_empty()).then(|| audiences.to_vec()),
+            },
+            ..Default::default()
+        };
+        let answer = match api.create(&PostParams::default(), &review).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics.token_review("error");
+                return Err(ReviewError::Unavailable(e.to_string()));
+            }
+        };
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            self.metrics.token_review("rejected");
+            return Err(ReviewError::Rejected(status.error.unwrap_or_else(|| "not authenticated".into())));
+        }
+        let user = status.user.unwrap_or_default();
+        let extra = user.extra.unwrap_or_default();
+        let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+        let reviewed = Reviewed {
+            username: user.username.unwrap_or_default(),
+            uid: user.uid,
+            pod_name: first("authentication.kubernetes.io/pod-name"),
+            pod_uid: first("authentication.kubernetes.io/pod-uid"),
+        };
+        self.metrics.token_review("authenticated");
+        let ttl = cache_for(token);
+        if !ttl.is_zero()
+            && let Ok(mut cache) = self.cache.lock()
+        {
+            if cache.len() >= MAX_ENTRIES {
+                cache.retain(|_, e| e.until > now);
+                if cache.len() >= MAX_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, Entry { reviewed: reviewed.clone(), until: now + ttl });
+        }
+        Ok(reviewed)
+    }
+}
