@@ -100,7 +100,9 @@ pub enum Reason {
     ImageNotAllowed,
     /// The parent run does not exist (yet).
     ParentNotFound,
-    /// The parent run is not active.
+    /// The parent run has not been authorised yet.
+    ParentPending,
+    /// The parent run is not active (it ended, or was denied).
     ParentNotActive,
     /// The parent run acts for another principal.
     ParentPrincipalMismatch,
@@ -124,6 +126,7 @@ impl Reason {
             Reason::NoAudienceGranted => "NoAudienceGranted",
             Reason::ImageNotAllowed => "ImageNotAllowed",
             Reason::ParentNotFound => "ParentNotFound",
+            Reason::ParentPending => "ParentPending",
             Reason::ParentNotActive => "ParentNotActive",
             Reason::ParentPrincipalMismatch => "ParentPrincipalMismatch",
             Reason::DelegationDepthExceeded => "DelegationDepthExceeded",
@@ -133,7 +136,14 @@ impl Reason {
     /// Whether a *pending* run should wait for a change (something it names may still be
     /// created) rather than be denied for good. An active run loses its authority either way.
     pub fn is_transient(self) -> bool {
-        matches!(self, Reason::AgentNotFound | Reason::NoGrant | Reason::GrantNotYetValid | Reason::ParentNotFound)
+        matches!(
+            self,
+            Reason::AgentNotFound
+                | Reason::NoGrant
+                | Reason::GrantNotYetValid
+                | Reason::ParentNotFound
+                | Reason::ParentPending
+        )
     }
 }
 
@@ -357,8 +367,14 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
             return deny(Reason::ParentNotFound, format!("parent run {parent_name:?} does not exist"));
         };
         let pstatus = parent.status.clone().unwrap_or_default();
-        if !pstatus.phase.is_some_and(RunPhase::is_active) {
-            return deny(Reason::ParentNotActive, format!("parent run {parent_name:?} is not active"));
+        match pstatus.phase.unwrap_or(RunPhase::Pending) {
+            RunPhase::Pending => {
+                return deny(Reason::ParentPending, format!("parent run {parent_name:?} is not authorised yet"));
+            }
+            p if !p.is_active() => {
+                return deny(Reason::ParentNotActive, format!("parent run {parent_name:?} is not active"));
+            }
+            _ => {}
         }
         if parent.spec.principal != spec.principal {
             return deny(

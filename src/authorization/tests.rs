@@ -635,7 +635,7 @@ fn sub_agent_refusals() {
     let table = [
         ("parent missing", None, Reason::ParentNotFound),
         ("parent ended", Some(ended), Reason::ParentNotActive),
-        ("parent not yet authorised", Some(pending), Reason::ParentNotActive),
+        ("parent not yet authorised", Some(pending), Reason::ParentPending),
         ("parent acts for someone else", Some(bobs), Reason::ParentPrincipalMismatch),
         ("depth exactly at the limit", Some(active_parent(0, &["compliance:*"])), Reason::DelegationDepthExceeded),
         ("parent holds none of it", Some(active_parent(1, &["marketing:read"])), Reason::NoScopesGranted),

@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::server::{self, EndpointState, review::Reviewer};
 use crate::signing::{self, KeyStore};
 use crate::tokens::Alg;
+use kube_lease_manager::LeaseManagerBuilder;
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
@@ -66,6 +67,10 @@ pub struct RunArgs {
     /// The name of this replica (for Events); usually the pod name.
     #[arg(long, env = "POD_NAME")]
     pub instance: Option<String>,
+    /// The coordination.k8s.io Lease (in --namespace) that elects the one replica which
+    /// reconciles; every replica serves tokens.
+    #[arg(long = "leader-election-lease", env = "DEPUTY_LEASE", default_value = "deputy-controller")]
+    pub lease: String,
     /// Log format on stderr: text or json. Audit lines always go to stdout as JSON.
     #[arg(long, env = "DEPUTY_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -108,6 +113,9 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         max_run_duration: dur("max-run-duration", &args.max_run_duration)?,
     };
     let rotation = dur("key-rotation", &args.key_rotation)?;
+    // A retired key stays published this long: the longest token plus the verifiers' leeway.
+    let lifetime = policy.max_token_ttl
+        + jiff::SignedDuration::from_secs(i64::try_from(crate::tokens::verify::DEFAULT_LEEWAY_SECS).unwrap_or(30));
     let issuer = args.issuer.trim_end_matches('/').to_string();
     let token_endpoint = args.token_endpoint.clone().unwrap_or_else(|| format!("{issuer}/token"));
 
@@ -153,13 +161,18 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         let _ = stop_tx.send(true);
     });
 
-    // Readiness: caches synced and keys loaded (they are, by now).
+    // Readiness: caches synced and keys loaded (they are, by now). Exactly one task waits on
+    // the stores: kube-runtime's `Store::wait_until_ready` wakes only the most recent of
+    // several concurrent waiters (its DelayedInit keeps one waker), so everyone else waits on
+    // this channel instead.
+    let (synced_tx, synced_rx) = watch::channel(false);
     {
         let stores = stores.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
             if stores.wait_until_ready().await.is_ok() {
                 ready.store(true, Ordering::Release);
+                let _ = synced_tx.send(true);
                 tracing::info!("caches synced; ready");
             }
         });
@@ -204,24 +217,6 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
             }
         });
     }
-    {
-        let keys = keys.clone();
-        let secrets = secrets.clone();
-        let (ns, name) = (args.namespace.clone(), args.keys_secret.clone());
-        let lifetime =
-            policy.max_token_ttl + jiff::SignedDuration::from_secs(crate::tokens::verify::DEFAULT_LEEWAY_SECS as i64);
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
-                tokio::select! { _ = tick.tick() => {}, _ = stop.wait_for(|s| *s) => return }
-                if let Err(e) = signing::rotate_if_due(&secrets, &keys, &ns, &name, alg, rotation, lifetime).await {
-                    tracing::warn!(error = %e, "key rotation check failed");
-                }
-            }
-        });
-    }
-
     // Servers.
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
@@ -254,13 +249,98 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         }
     };
 
-    let cfg = ControllerConfig {
-        policy,
-        children: ChildConfig { issuer: issuer.clone(), token_endpoint },
-        max_backoff: std::time::Duration::from_secs(300),
+    // Leader election: one replica reconciles, every replica serves tokens. Until elected,
+    // a replica only keeps its caches current.
+    let identity = args.instance.clone().unwrap_or_else(|| format!("deputy-{}", uuid::Uuid::new_v4()));
+    let lease = LeaseManagerBuilder::new(client.clone(), &args.lease)
+        .with_namespace(&args.namespace)
+        .with_identity(&identity)
+        .with_duration(LEASE_SECONDS)
+        .with_grace(LEASE_GRACE_SECONDS)
+        .build()
+        .await
+        .map_err(|e| format!("leader election on Lease {}/{}: {e}", args.namespace, args.lease))?;
+    let (mut leader, lease_task) = lease.watch().await;
+    let mut stop = stop_rx.clone();
+    let elected = tokio::select! {
+        w = watches.drain_until({
+            let mut synced = synced_rx.clone();
+            let leader = &mut leader;
+            async move {
+                // Hand the streams to the controller only once the caches are full, so that
+                // its first pass sees every object.
+                let _ = synced.wait_for(|s| *s).await;
+                let _ = leader.wait_for(|l| *l).await;
+            }
+        }) => Some(w),
+        _ = stop.wait_for(|s| *s) => None,
     };
-    controller::run(client, cfg, keys, watches, metrics, args.instance.clone(), shutdown_signal(stop_rx.clone())).await;
+    let mut lost = false;
+    if let Some(watches) = elected.filter(|_| !*stop_rx.borrow()) {
+        tracing::info!(identity = %identity, "elected leader; reconciling");
+        spawn_key_rotation(
+            keys.clone(),
+            secrets,
+            args.namespace.clone(),
+            args.keys_secret.clone(),
+            alg,
+            rotation,
+            lifetime,
+            stop_rx.clone(),
+        );
+        let cfg = ControllerConfig {
+            policy,
+            children: ChildConfig { issuer: issuer.clone(), token_endpoint },
+            max_backoff: std::time::Duration::from_secs(300),
+        };
+        let mut stop = stop_rx.clone();
+        let mut still_leader = leader.clone();
+        let (lost_tx, mut lost_rx) = watch::channel(false);
+        let ended = async move {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = still_leader.wait_for(|l| !*l) => {
+                    tracing::error!("lost the leader lease; stopping so that another replica reconciles");
+                    let _ = lost_tx.send(true);
+                }
+            }
+        };
+        controller::run(client, cfg, keys, watches, metrics, args.instance.clone(), ended).await;
+        lost = *lost_rx.borrow_and_update();
+    }
+    drop(leader);
+    lease_task.abort();
+    if lost {
+        return Err("leader lease lost".into());
+    }
     let _ = token_task.await;
     let _ = admin_task.await;
     Ok(())
+}
+
+/// Seconds a leader's lease lasts without renewal (the hand-over bound), and the grace before
+/// its end in which the holder renews.
+const LEASE_SECONDS: u64 = 15;
+const LEASE_GRACE_SECONDS: u64 = 5;
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_key_rotation(
+    keys: Arc<KeyStore>,
+    secrets: Api<Secret>,
+    ns: String,
+    name: String,
+    alg: Alg,
+    every: jiff::SignedDuration,
+    lifetime: jiff::SignedDuration,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! { _ = tick.tick() => {}, _ = stop.wait_for(|s| *s) => return }
+            if let Err(e) = signing::rotate_if_due(&secrets, &keys, &ns, &name, alg, every, lifetime).await {
+                tracing::warn!(error = %e, "key rotation check failed");
+            }
+        }
+    });
 }

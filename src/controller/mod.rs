@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -159,18 +159,24 @@ impl Watches {
         let runs = reflector::reflector(runs_writer, watcher(Api::<AgentRun>::all(client.clone()), wc.clone()))
             .default_backoff()
             .applied_objects()
+            .inspect_err(|e| tracing::warn!(error = %e, kind = "AgentRun", "watch failed; retrying with backoff"))
             .boxed();
         let agents = reflector::reflector(agents_writer, watcher(Api::<Agent>::all(client.clone()), wc.clone()))
             .default_backoff()
             .touched_objects()
+            .inspect_err(|e| tracing::warn!(error = %e, kind = "Agent", "watch failed; retrying with backoff"))
             .boxed();
         let grants = reflector::reflector(grants_writer, watcher(Api::<DelegationGrant>::all(client.clone()), wc))
             .default_backoff()
             .touched_objects()
+            .inspect_err(
+                |e| tracing::warn!(error = %e, kind = "DelegationGrant", "watch failed; retrying with backoff"),
+            )
             .boxed();
         let pods = reflector::reflector(pods_writer, watcher(Api::<Pod>::all(client.clone()), children.clone()))
             .default_backoff()
             .touched_objects()
+            .inspect_err(|e| tracing::warn!(error = %e, kind = "Pod", "watch failed; retrying with backoff"))
             .boxed();
         let secrets = reflector::reflector(
             secrets_writer,
@@ -178,6 +184,7 @@ impl Watches {
         )
         .default_backoff()
         .touched_objects()
+        .inspect_err(|e| tracing::warn!(error = %e, kind = "Secret", "watch failed; retrying with backoff"))
         .boxed();
         let service_accounts = reflector::reflector(
             sa_writer,
@@ -185,6 +192,7 @@ impl Watches {
         )
         .default_backoff()
         .touched_objects()
+        .inspect_err(|e| tracing::warn!(error = %e, kind = "ServiceAccount", "watch failed; retrying with backoff"))
         .boxed();
         Watches {
             stores: Stores {
@@ -202,6 +210,30 @@ impl Watches {
             secrets,
             service_accounts,
         }
+    }
+}
+
+impl Watches {
+    /// Keeps the caches current without reconciling (a replica that is not the leader still
+    /// serves tokens from them) until `until` resolves; then hands the streams back.
+    pub async fn drain_until(mut self, until: impl std::future::Future<Output = ()>) -> Watches {
+        {
+            let merged = futures::stream::select_all([
+                self.runs.by_ref().map(|_| ()).boxed(),
+                self.agents.by_ref().map(|_| ()).boxed(),
+                self.grants.by_ref().map(|_| ()).boxed(),
+                self.pods.by_ref().map(|_| ()).boxed(),
+                self.secrets.by_ref().map(|_| ()).boxed(),
+                self.service_accounts.by_ref().map(|_| ()).boxed(),
+            ]);
+            let drain = merged.for_each(|_| async {});
+            tokio::pin!(until);
+            tokio::select! {
+                _ = until => {}
+                _ = drain => {}
+            }
+        }
+        self
     }
 }
 
@@ -291,6 +323,13 @@ pub async fn run(
         .watches_stream(agents, runs_for_agent)
         .watches_stream(grants, runs_for_grant)
         .watches_stream(runs_parent, children_of)
+        // A replica that takes over has already seen every object: reconcile them all once.
+        .reconcile_all_on(futures::stream::once({
+            let stores = stores.clone();
+            async move {
+                let _ = stores.wait_until_ready().await;
+            }
+        }))
         .graceful_shutdown_on(async move {
             let _ = stop.recv().await;
         })

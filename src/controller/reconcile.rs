@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -18,7 +18,7 @@ use super::children::{self, RunInfo};
 use super::{Context, Error, FINALIZER, MANAGER, requeue};
 use crate::audit::{Action as AuditAction, Record};
 use crate::authorization::{self, Authorization, Decision, Input, Reason, Refusal};
-use crate::resources::{AgentRun, AgentRunStatus, Condition, RunPhase, set_condition};
+use crate::resources::{AgentRun, AgentRunStatus, Condition, DelegationGrant, RunPhase, set_condition};
 use crate::scope;
 use crate::tokens::{RunRef, RunTokenSpec};
 
@@ -66,17 +66,28 @@ fn now() -> Timestamp {
     Timestamp::now()
 }
 
-/// What the engine needs from the caches.
+/// What the engine needs, from the caches.
 fn decide(run: &AgentRun, ctx: &Context, now: Timestamp) -> Decision {
     let ns = run.namespace().unwrap_or_default();
-    let agent = ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns));
     let grants: Vec<_> =
         ctx.stores.grants.state().into_iter().filter(|g| g.namespace().as_deref() == Some(ns.as_str())).collect();
+    decide_with(run, ctx, &grants, now)
+}
+
+/// The decision with the given grants (of the run's namespace) and the cached Agent and parent.
+fn decide_with<G: std::borrow::Borrow<DelegationGrant>>(
+    run: &AgentRun,
+    ctx: &Context,
+    grants: &[G],
+    now: Timestamp,
+) -> Decision {
+    let ns = run.namespace().unwrap_or_default();
+    let agent = ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns));
     let parent = run.spec.parent_run.as_ref().and_then(|p| ctx.stores.runs.get(&ObjectRef::new(p).within(&ns)));
     authorization::authorize(Input {
         run,
         agent: agent.as_deref(),
-        grants: &grants,
+        grants,
         parent: parent.as_deref(),
         now,
         policy: &ctx.cfg.policy,
@@ -116,7 +127,18 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     match (phase.is_active(), decide(run, ctx, now)) {
         (false, Decision::Denied(refusal)) if refusal.reason.is_transient() => wait(run, ctx, refusal, now).await,
         (false, Decision::Denied(refusal)) => deny(run, ctx, refusal, now).await,
-        (false, Decision::Authorized(auth)) => authorize(run, ctx, auth, now).await,
+        (false, Decision::Authorized(_)) => {
+            // Before granting anything, decide again on a fresh read of the grants: the
+            // grant cache and the run cache are separate watches, and a Deny grant created just
+            // before the run must never lose that race.
+            let api: Api<DelegationGrant> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+            let fresh = api.list(&ListParams::default()).await?.items;
+            match decide_with(run, ctx, &fresh, now) {
+                Decision::Authorized(auth) => authorize(run, ctx, auth, now).await,
+                Decision::Denied(refusal) if refusal.reason.is_transient() => wait(run, ctx, refusal, now).await,
+                Decision::Denied(refusal) => deny(run, ctx, refusal, now).await,
+            }
+        }
         (true, Decision::Denied(refusal)) => {
             let reason = revocation_reason(refusal.reason);
             end(run, ctx, RunPhase::Revoked, reason, &refusal.message).await
@@ -141,7 +163,7 @@ fn revocation_reason(r: Reason) -> &'static str {
         Reason::AgentNotFound | Reason::AgentDeleted => "AgentDeleted",
         Reason::NoGrant | Reason::GrantNotYetValid => "GrantDeleted",
         Reason::GrantExpired => "GrantExpired",
-        Reason::ParentNotFound | Reason::ParentNotActive => "ParentEnded",
+        Reason::ParentNotFound | Reason::ParentNotActive | Reason::ParentPending => "ParentEnded",
         other => other.as_str(),
     }
 }
