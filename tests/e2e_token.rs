@@ -402,3 +402,55 @@ async fn the_python_example_verifies_an_exchanged_token() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// `deputy exchange` (what an agent runs in its pod) and `deputy token verify` (what an
+/// integrator runs) against a live endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_exchanges_and_verifies() {
+    let env = Env::start().await;
+    if !env.is_test_api() {
+        return;
+    }
+    env.apply_example("gdpr-compliance.yaml").await;
+    let (subject, actor) = active_run(&env, "gdpr-check-q4").await;
+    let (token_file, actor_file) = (env.dir.join("token"), env.dir.join("actor-token"));
+    std::fs::write(&token_file, &subject).unwrap();
+    std::fs::write(&actor_file, &actor).unwrap();
+    let deputy = env!("CARGO_BIN_EXE_deputy");
+    let exchange = |scope: &str| {
+        let mut cmd = tokio::process::Command::new(deputy);
+        cmd.args(["exchange", "--audience", "gdpr-compliance-service", "--scope", scope])
+            .env("DEPUTY_TOKEN_FILE", &token_file)
+            .env("DEPUTY_ACTOR_TOKEN_FILE", &actor_file)
+            .env("DEPUTY_TOKEN_ENDPOINT", format!("{}/token", env.token_url()));
+        cmd
+    };
+    let out = exchange("compliance:privacy:check").output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    std::fs::write(env.dir.join("exchanged"), &token).unwrap();
+
+    let out = exchange("compliance:*").output().await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_scope"));
+
+    let jwks = format!("{}/jwks.json", env.token_url());
+    let verify = |aud: &str| {
+        let mut cmd = tokio::process::Command::new(deputy);
+        cmd.args(["token", "verify", "--jwks", &jwks, "--audience", aud]).arg(env.dir.join("exchanged"));
+        cmd
+    };
+    let ok = verify("gdpr-compliance-service").output().await.unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("valid: sub=alice@example.com"));
+    let bad = verify("payments-service").output().await.unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("wrong_audience"));
+    let inspect = tokio::process::Command::new(deputy)
+        .args(["token", "inspect"])
+        .arg(env.dir.join("exchanged"))
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("Delegation: alice@example.com ← gdpr-check-q4"));
+}

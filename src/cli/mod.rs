@@ -1,5 +1,6 @@
 //! The `deputy` command line.
 
+pub mod exchange;
 pub mod run;
 pub mod token;
 
@@ -19,6 +20,8 @@ pub enum Command {
     Run(Box<run::RunArgs>),
     /// Print the CustomResourceDefinitions of Agent, DelegationGrant and AgentRun as YAML.
     Crd,
+    /// Inside a run's pod: exchange the run token for a token bound to one audience.
+    Exchange(exchange::ExchangeArgs),
     /// Inspect or verify Deputy tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -39,5 +42,6 @@ pub async fn run(cli: Cli) -> i32 {
         },
         Command::Token(cmd) => token::run(cmd).await,
         Command::Run(args) => run::run(*args).await,
+        Command::Exchange(args) => exchange::run(args).await,
     }
 }

@@ -124,14 +124,22 @@ impl Env {
 
     /// Starts `deputy run` and waits until it is ready.
     pub async fn start_operator(&mut self) {
-        let log = self.dir.join(format!("operator-{}.log", Instant::now().elapsed().as_nanos()));
+        let op = self.spawn_operator(self.port, self.admin_port, "deputy-e2e").await;
+        self.operator = Some(op);
+    }
+
+    /// Starts another `deputy run` process on the given ports (for leader-election tests)
+    /// and waits until it is ready.
+    pub async fn spawn_operator(&self, port: u16, admin_port: u16, instance: &str) -> Operator {
+        let log = self.dir.join(format!("operator-{instance}-{}.log", uuid::Uuid::new_v4()));
         let stderr = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_deputy"))
             .arg("run")
             .args(["--issuer", &self.token_url()])
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--namespace", OPERATOR_NS])
+            .args(["--instance", instance])
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,deputy=debug")
@@ -153,20 +161,21 @@ impl Env {
                 }
             });
         }
-        self.operator = Some(Operator { child, audit, log: log.clone() });
-        let ready = format!("{}/readyz", self.admin_url());
+        let mut op = Operator { child, audit, log: log.clone() };
+        let ready = format!("http://127.0.0.1:{admin_port}/readyz");
         let ok = wait_until(Duration::from_secs(30), || async {
             deputy::http_client::get(&ready, Duration::from_secs(2)).await.is_ok_and(|r| r.status == 200)
         })
         .await;
         if !ok {
-            let exited = self.operator.as_mut().and_then(|o| o.child.try_wait().ok().flatten());
+            let exited = op.child.try_wait().ok().flatten();
             panic!(
                 "operator not ready (process exited: {exited:?}); readyz: {:?}; log:\n{}",
                 deputy::http_client::get(&ready, Duration::from_secs(2)).await.map(|r| (r.status, r.body)),
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
+        op
     }
 
     /// Kills the operator at once (SIGKILL), as a crash would.

@@ -1,0 +1,83 @@
+//! High availability: two `deputy run` processes share one Lease; both serve tokens, one
+//! reconciles. Killing the leader hands over within the lease duration, and no run is minted
+//! twice.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use serde_json::json;
+use support::{Env, OPERATOR_NS, free_port, wait_until};
+
+fn holder(lease: &Lease) -> Option<String> {
+    lease.spec.as_ref().and_then(|s| s.holder_identity.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_hands_over_without_minting_twice() {
+    let env = Env::api_only().await;
+    let (pa, aa, pb, ab) = (free_port(), free_port(), free_port(), free_port());
+    let a = env.spawn_operator(pa, aa, "deputy-a").await;
+    let b = env.spawn_operator(pb, ab, "deputy-b").await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), OPERATOR_NS);
+    let elected = wait_until(Duration::from_secs(20), || async {
+        leases.get_opt("deputy-controller").await.unwrap().as_ref().and_then(holder).is_some()
+    })
+    .await;
+    assert!(elected, "a leader is elected");
+    let leader = holder(&leases.get("deputy-controller").await.unwrap()).unwrap();
+    let (mut leader_op, follower_op, follower_port) = if leader == "deputy-a" { (a, b, pb) } else { (b, a, pa) };
+
+    env.apply_example("gdpr-compliance.yaml").await;
+    let before = env.wait_phase("gdpr-check-q4", "Authorized", Duration::from_secs(20)).await;
+
+    // Both replicas serve the same keys.
+    let jwks = |port: u16| async move {
+        let r = deputy::http_client::get(&format!("http://127.0.0.1:{port}/jwks.json"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
+    };
+    assert_eq!(jwks(pa).await, jwks(pb).await);
+
+    // Kill the leader (no chance to release the lease), then ask for more work.
+    let _ = leader_op.child.kill();
+    let _ = leader_op.child.wait();
+    let killed_at = Instant::now();
+    let mut run: serde_json::Value = serde_json::to_value(&before).unwrap();
+    run["metadata"] = json!({"name": "after-failover", "namespace": env.ns});
+    run.as_object_mut().unwrap().remove("status");
+    env.apply_value(run).await;
+    env.wait_phase("after-failover", "Authorized", Duration::from_secs(30)).await;
+    let took = killed_at.elapsed();
+    assert!(took < Duration::from_secs(25), "hand-over took {took:?} (lease 15 s)");
+    let new_holder = holder(&leases.get("deputy-controller").await.unwrap()).unwrap();
+    assert_ne!(new_holder, leader, "the follower took the lease");
+
+    // Nothing was minted twice: the first run keeps its token, and across both processes
+    // every run has exactly one `minted` line.
+    let after = env.runs().get("gdpr-check-q4").await.unwrap();
+    assert_eq!(after.status.as_ref().unwrap().token_id, before.status.as_ref().unwrap().token_id);
+    assert_eq!(after.status.unwrap().rotations, 0);
+    let mut minted: Vec<String> = leader_op
+        .audit
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(follower_op.audit.lock().unwrap().iter())
+        .filter(|l| l["action"] == "minted")
+        .map(|l| l["run"].as_str().unwrap().to_string())
+        .collect();
+    minted.sort();
+    assert_eq!(minted, ["after-failover", "gdpr-check-q4"], "one mint per run");
+    // The survivor serves tokens for the new run.
+    let ready =
+        deputy::http_client::get(&format!("http://127.0.0.1:{follower_port}/jwks.json"), Duration::from_secs(5))
+            .await
+            .unwrap();
+    assert_eq!(ready.status, 200);
+    eprintln!("hand-over to {new_holder} took {took:?}");
+}
