@@ -174,8 +174,8 @@ async fn a_sub_agent_chain_narrows_and_ends_with_its_parent() {
     assert_eq!(claims.scope, "inventory:read");
 
     // The parent ends: the child is revoked.
-    env.set_pod_phase("deputy-run-supply-chain-planner-7", "Failed").await;
-    env.wait_phase("supply-chain-planner-7", "Failed", T).await;
+    env.set_pod_phase("deputy-run-supply-chain-planner-7", "Succeeded").await;
+    env.wait_phase("supply-chain-planner-7", "Succeeded", Duration::from_secs(180)).await;
     let child = env.wait_phase("optimise-routes-7", "Revoked", T).await;
     assert_eq!(child.status.unwrap().reason.as_deref(), Some("ParentEnded"));
     let gone = wait_until(T, || async { !exists(&env.api::<Secret>(), "deputy-run-optimise-routes-7").await }).await;

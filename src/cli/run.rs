@@ -119,7 +119,13 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
     let issuer = args.issuer.trim_end_matches('/').to_string();
     let token_endpoint = args.token_endpoint.clone().unwrap_or_else(|| format!("{issuer}/token"));
 
-    let client = kube::Client::try_default().await.map_err(|e| format!("connecting to Kubernetes: {e}"))?;
+    let mut kube_config = kube::Config::infer().await.map_err(|e| format!("Kubernetes client configuration: {e}"))?;
+    // Name ourselves in the API server's audit log.
+    kube_config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("deputy/", env!("CARGO_PKG_VERSION"))),
+    ));
+    let client = kube::Client::try_from(kube_config).map_err(|e| format!("connecting to Kubernetes: {e}"))?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
     let material = signing::load_or_create(&secrets, &issuer, &args.namespace, &args.keys_secret, alg)
         .await

@@ -122,8 +122,24 @@ impl TestApiServer {
         Stats(self.state().stats.clone())
     }
 
+    /// Request counts of clients whose `User-Agent` starts with `prefix`.
+    pub fn stats_for_user_agent(&self, prefix: &str) -> Stats {
+        let st = self.state();
+        let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (_, per) in st.stats_by_agent.iter().filter(|(a, _)| a.starts_with(prefix)) {
+            for (res, verbs) in per {
+                for (verb, n) in verbs {
+                    *out.entry(res.clone()).or_default().entry(verb.clone()).or_default() += n;
+                }
+            }
+        }
+        Stats(out)
+    }
+
     pub fn reset_stats(&self) {
-        self.state().stats.clear();
+        let mut st = self.state();
+        st.stats.clear();
+        st.stats_by_agent.clear();
     }
 
     /// How many TokenReviews have been answered.

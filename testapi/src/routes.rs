@@ -164,6 +164,8 @@ fn resource(
 
     let mut st = lock(&app.shared);
     st.record(&stat_res, verb);
+    let agent = headers.get("user-agent").and_then(|a| a.to_str().ok()).unwrap_or("");
+    st.record_agent(agent, &stat_res, verb);
     if !matches!(verb, "GET" | "LIST" | "WATCH")
         && let Some(e) = st.take_fault(&stat_res, &res.plural)
     {
@@ -350,6 +352,7 @@ fn controls(app: &App, method: &Method, rest: &[&str], body: &[u8]) -> ApiResult
         ("GET", ["stats"]) => ok(&json!(st.stats)),
         ("POST", ["stats", "reset"]) | ("DELETE", ["stats"]) => {
             st.stats.clear();
+            st.stats_by_agent.clear();
             ok(&json!({}))
         }
         ("POST", ["faults"]) => {

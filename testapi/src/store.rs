@@ -61,6 +61,9 @@ pub struct State {
     managers: HashMap<(ObjKey, bool), BTreeMap<String, FieldSet>>,
     /// resource -> verb -> count.
     pub stats: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The same counts per client `User-Agent` (e.g. to tell an operator's requests from a
+    /// test's own).
+    pub stats_by_agent: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
     /// resource (`plural` or `plural/sub`) -> (remaining, code).
     pub faults: HashMap<String, (u32, u16)>,
     pub tokens: HashMap<String, TokenEntry>,
@@ -122,6 +125,7 @@ impl State {
             compacted: 0,
             managers: HashMap::new(),
             stats: BTreeMap::new(),
+            stats_by_agent: BTreeMap::new(),
             faults: HashMap::new(),
             tokens: HashMap::new(),
             notify,
@@ -134,6 +138,11 @@ impl State {
 
     pub fn record(&mut self, resource: &str, verb: &str) {
         *self.stats.entry(resource.to_string()).or_default().entry(verb.to_string()).or_default() += 1;
+    }
+
+    pub fn record_agent(&mut self, agent: &str, resource: &str, verb: &str) {
+        let per = self.stats_by_agent.entry(agent.to_string()).or_default();
+        *per.entry(resource.to_string()).or_default().entry(verb.to_string()).or_default() += 1;
     }
 
     /// Consume one injected failure for `resource` (`plural/sub` first, then `plural`).
