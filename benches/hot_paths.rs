@@ -172,6 +172,8 @@ fn bench_tokens(c: &mut Criterion) {
 
 fn bench_exchange(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // kube's Client spawns its buffer task on the current runtime.
+    let _runtime = rt.enter();
     let api = rt.block_on(deputy_testapi::TestApiServer::start()).unwrap();
     let client = kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
     let issuer = "http://deputy.bench.invalid".to_string();
