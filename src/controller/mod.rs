@@ -89,8 +89,32 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for the capped exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The status this process last wrote for each run (by uid), so that a reconcile working
+    /// from a cache that has not caught up with that write does nothing (no second mint, no
+    /// repeated revocation) and waits for the watch event that brings it.
+    written: Mutex<HashMap<String, Written>>,
     /// Grants and Agents whose status (active run counts) may have changed.
     status_triggers: mpsc::UnboundedSender<StatusTrigger>,
+}
+
+/// What a reconcile wrote to a run's status.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    /// Progress: 0 pending, 1 authorized, 2 running, 3 terminal, 4 terminal with credentials gone.
+    stage: u8,
+    at: std::time::Instant,
+}
+
+/// How far along its life a run's status says it is.
+fn stage_of(status: Option<&crate::resources::AgentRunStatus>) -> u8 {
+    use crate::resources::RunPhase;
+    match status.and_then(|s| s.phase.map(|p| (p, s.revoked_at.is_some()))) {
+        None | Some((RunPhase::Pending, _)) => 0,
+        Some((RunPhase::Authorized, _)) => 1,
+        Some((RunPhase::Running, _)) => 2,
+        Some((p, false)) if p != RunPhase::Denied => 3,
+        Some(_) => 4,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -100,7 +124,12 @@ enum StatusTrigger {
 }
 
 impl Context {
-    fn backoff(&self, key: &str) -> Duration {
+    fn backoff(&self, key: &str, err: &Error) -> Duration {
+        // A conflict or a failed JSON-patch test means our copy was stale: retry soon, and do
+        // not let it grow the backoff of a healthy object.
+        if matches!(err, Error::Kube(kube::Error::Api(s)) if s.code == 409 || s.code == 422) {
+            return Duration::from_millis(200);
+        }
         let mut f = match self.failures.lock() {
             Ok(f) => f,
             Err(p) => p.into_inner(),
@@ -109,6 +138,22 @@ impl Context {
         *n = n.saturating_add(1);
         let millis = 500u64.saturating_mul(1u64 << (*n).min(16));
         Duration::from_millis(millis).min(self.cfg.max_backoff)
+    }
+
+    /// Records the status just written for `uid`.
+    fn wrote(&self, uid: &str, status: &crate::resources::AgentRunStatus) {
+        if let Ok(mut w) = self.written.lock() {
+            if w.len() > 100_000 {
+                w.retain(|_, v| v.at.elapsed() < std::time::Duration::from_secs(60));
+            }
+            w.insert(uid.to_string(), Written { stage: stage_of(Some(status)), at: std::time::Instant::now() });
+        }
+    }
+
+    /// Whether the cached run is behind a status this process wrote in the last minute.
+    fn cache_is_behind(&self, uid: &str, cached: Option<&crate::resources::AgentRunStatus>) -> bool {
+        let Ok(w) = self.written.lock() else { return false };
+        w.get(uid).is_some_and(|wr| wr.at.elapsed() < std::time::Duration::from_secs(60) && stage_of(cached) < wr.stage)
     }
 
     fn succeeded(&self, key: &str) {
@@ -156,11 +201,16 @@ impl Watches {
         let (pods_store, pods_writer) = reflector::store();
         let (secrets_store, secrets_writer) = reflector::store();
         let (sa_store, sa_writer) = reflector::store();
-        let runs = reflector::reflector(runs_writer, watcher(Api::<AgentRun>::all(client.clone()), wc.clone()))
-            .default_backoff()
-            .applied_objects()
-            .inspect_err(|e| tracing::warn!(error = %e, kind = "AgentRun", "watch failed; retrying with backoff"))
-            .boxed();
+        let runs = reflector::reflector(
+            runs_writer,
+            watcher(Api::<AgentRun>::all(client.clone()), wc.clone()).modify(|r: &mut AgentRun| {
+                r.metadata.managed_fields = None;
+            }),
+        )
+        .default_backoff()
+        .applied_objects()
+        .inspect_err(|e| tracing::warn!(error = %e, kind = "AgentRun", "watch failed; retrying with backoff"))
+        .boxed();
         let agents = reflector::reflector(agents_writer, watcher(Api::<Agent>::all(client.clone()), wc.clone()))
             .default_backoff()
             .touched_objects()
@@ -173,11 +223,22 @@ impl Watches {
                 |e| tracing::warn!(error = %e, kind = "DelegationGrant", "watch failed; retrying with backoff"),
             )
             .boxed();
-        let pods = reflector::reflector(pods_writer, watcher(Api::<Pod>::all(client.clone()), children.clone()))
-            .default_backoff()
-            .touched_objects()
-            .inspect_err(|e| tracing::warn!(error = %e, kind = "Pod", "watch failed; retrying with backoff"))
-            .boxed();
+        // Only a pod's phase and deletion matter here: keep the cache small.
+        let pods = reflector::reflector(
+            pods_writer,
+            watcher(Api::<Pod>::all(client.clone()), children.clone()).modify(|pod: &mut Pod| {
+                pod.spec = None;
+                pod.metadata.managed_fields = None;
+                pod.metadata.annotations = None;
+                if let Some(st) = pod.status.as_mut() {
+                    *st = k8s_openapi::api::core::v1::PodStatus { phase: st.phase.take(), ..Default::default() };
+                }
+            }),
+        )
+        .default_backoff()
+        .touched_objects()
+        .inspect_err(|e| tracing::warn!(error = %e, kind = "Pod", "watch failed; retrying with backoff"))
+        .boxed();
         let secrets = reflector::reflector(
             secrets_writer,
             watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), children.clone()),
@@ -271,13 +332,19 @@ pub async fn run(
         recorder,
         metrics,
         failures: Mutex::new(HashMap::new()),
+        written: Mutex::new(HashMap::new()),
         status_triggers: tx,
     });
 
     // Which runs an Agent, grant or parent change concerns.
+    let agent_changed = changed_filter(stores.agents.clone());
+    let grant_changed = changed_filter(stores.grants.clone());
     let runs_for_agent = {
         let runs = stores.runs.clone();
         move |agent: Agent| {
+            if !agent_changed(&agent) {
+                return vec![];
+            }
             let (ns, name) = (agent.namespace(), agent.name_any());
             runs.state()
                 .into_iter()
@@ -289,6 +356,9 @@ pub async fn run(
     let runs_for_grant = {
         let runs = stores.runs.clone();
         move |g: DelegationGrant| {
+            if !grant_changed(&g) {
+                return vec![];
+            }
             let ns = g.namespace();
             runs.state()
                 .into_iter()
@@ -344,6 +414,33 @@ pub async fn run(
         let _ = shutdown_tx.send(());
     };
     tokio::join!(controller, status_loop, stopper);
+}
+
+/// A filter that passes an object when its spec (generation) changed, when it is being
+/// deleted, or when it is gone from the cache (deleted) — but not for status-only updates,
+/// which Deputy itself makes to grants and agents and which would otherwise re-reconcile
+/// every run relying on them.
+fn changed_filter<K>(store: Store<K>) -> impl Fn(&K) -> bool + Send + Sync + 'static
+where
+    K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let seen: Mutex<HashMap<String, i64>> = Mutex::new(HashMap::new());
+    move |obj: &K| {
+        let meta = obj.meta();
+        let uid = meta.uid.clone().unwrap_or_default();
+        let in_cache = store.get(&ObjectRef::from_obj(obj)).is_some();
+        if !in_cache || meta.deletion_timestamp.is_some() {
+            if let Ok(mut s) = seen.lock() {
+                s.remove(&uid);
+            }
+            return true;
+        }
+        let generation = meta.generation.unwrap_or(0);
+        match seen.lock() {
+            Ok(mut s) => s.insert(uid, generation) != Some(generation),
+            Err(_) => true,
+        }
+    }
 }
 
 /// Duplicates a stream of results so two consumers each see every item.

@@ -57,7 +57,7 @@ pub async fn reconcile(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action, 
 /// Transient errors are retried with a capped exponential backoff per object.
 pub fn error_policy(run: Arc<AgentRun>, err: &Error, ctx: Arc<Context>) -> Action {
     let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
-    let delay = ctx.backoff(&key);
+    let delay = ctx.backoff(&key, err);
     tracing::warn!(run = %key, error = %err, category = err.category(), retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -96,6 +96,11 @@ fn decide_with<G: std::borrow::Borrow<DelegationGrant>>(
 
 async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     let now = now();
+    if ctx.cache_is_behind(&run.uid().unwrap_or_default(), run.status.as_ref()) {
+        // Our own last write has not reached the cache yet: acting on this copy would mint
+        // or revoke a second time. The watch event of that write triggers the next reconcile.
+        return Ok(Action::requeue(std::time::Duration::from_millis(500)));
+    }
     let status = run.status.clone().unwrap_or_default();
     let phase = status.phase.unwrap_or(RunPhase::Pending);
 
@@ -197,9 +202,15 @@ async fn write_status(run: &AgentRun, ctx: &Context, mut status: AgentRunStatus)
     if run.status.as_ref() == Some(&status) {
         return Ok(());
     }
+    patch_status(run, ctx, &status).await
+}
+
+/// Writes the whole status (server-side apply) and remembers what was written.
+async fn patch_status(run: &AgentRun, ctx: &Context, status: &AgentRunStatus) -> Result<(), Error> {
     let api: Api<AgentRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun", "status": status});
     api.patch_status(&run.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.wrote(&run.uid().unwrap_or_default(), status);
     Ok(())
 }
 
@@ -587,10 +598,9 @@ async fn end(run: &AgentRun, ctx: &Context, phase: RunPhase, reason: &str, messa
     remove_credentials(run, ctx, stop_pod(phase)).await?;
     status.revoked_at = Some(Timestamp::now());
     let updated = AgentRun { status: Some(status.clone()), ..run.clone() };
-    // write_status compares with the stored status, which still lacks revokedAt.
-    let api: Api<AgentRun> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun", "status": status});
-    api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    // Not write_status: it compares with the cached status, which still lacks revokedAt.
+    status.observed_generation = run.metadata.generation;
+    patch_status(run, ctx, &status).await?;
     if was_active {
         ctx.touch_status_of(&updated);
     }

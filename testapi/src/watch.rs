@@ -116,9 +116,12 @@ async fn run(shared: Shared, filter: Filter, opts: WatchOptions, tx: mpsc::Sende
     tick.tick().await;
     loop {
         rx.borrow_and_update();
-        let batch: Vec<bytes::Bytes> = {
+        let batch: Option<Vec<bytes::Bytes>> = {
             let st = lock(&shared);
             let res_key = filter.res.key();
+            // A watcher that fell behind the history it could replay gets 410 Gone (as from a
+            // real API server) rather than silently skipping events.
+            let behind = st.compacted > last;
             let out = st
                 .history
                 .iter()
@@ -138,7 +141,12 @@ async fn run(shared: Shared, filter: Filter, opts: WatchOptions, tx: mpsc::Sende
                 })
                 .collect();
             last = last.max(st.rv);
-            out
+            (!behind).then_some(out)
+        };
+        let Some(batch) = batch else {
+            let err = ApiError::gone("too old resource version: the watch fell behind the history");
+            let _ = tx.send(line("ERROR", err.status())).await;
+            return;
         };
         for b in batch {
             if tx.send(b).await.is_err() {
