@@ -22,14 +22,48 @@ pub struct KeyMaterial {
     pub jwks: bytes::Bytes,
     /// The Secret's resourceVersion this was loaded from (None if not from a Secret).
     pub resource_version: Option<String>,
+    /// Claims of tokens whose signature and claims verified with exactly these keys, by the
+    /// SHA-256 of the token. An agent presents the same run token for many exchanges; the
+    /// signature check is most of an exchange's cost. Times are re-checked on every use, and a
+    /// key change replaces this whole struct, so a removed key cannot keep a token valid.
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], crate::tokens::Claims>>,
 }
+
+/// The most verified tokens remembered at once.
+const VERIFIED_CACHE_MAX: usize = 50_000;
 
 impl KeyMaterial {
     pub fn new(issuer: &str, set: KeySet, resource_version: Option<String>) -> Result<KeyMaterial, KeyError> {
         let verifier = Verifier::from_key_set(issuer, &set, DEFAULT_LEEWAY_SECS)
             .map_err(|e| KeyError::Malformed(e.to_string()))?;
         let jwks = bytes::Bytes::from(set.jwks().to_string());
-        Ok(KeyMaterial { set, verifier, jwks, resource_version })
+        Ok(KeyMaterial { set, verifier, jwks, resource_version, verified: Default::default() })
+    }
+
+    /// Verifies a Deputy token for any audience, reusing an earlier successful verification of
+    /// the very same token (its time bounds are checked again, against `now`).
+    pub fn verify_any_audience(&self, token: &str) -> Result<crate::tokens::Claims, crate::tokens::VerifyError> {
+        let now = Timestamp::now();
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(d.as_ref());
+        let cached = self.verified.lock().ok().and_then(|c| c.get(&key).cloned());
+        if let Some(claims) = cached {
+            self.verifier.check_times(&claims, now)?;
+            return Ok(claims);
+        }
+        let claims = self.verifier.verify_at(token, crate::tokens::AudienceCheck::Any, now)?;
+        if let Ok(mut c) = self.verified.lock() {
+            if c.len() >= VERIFIED_CACHE_MAX {
+                let now_s = now.as_second();
+                c.retain(|_, v| v.exp > now_s);
+                if c.len() >= VERIFIED_CACHE_MAX {
+                    c.clear();
+                }
+            }
+            c.insert(key, claims.clone());
+        }
+        Ok(claims)
     }
 }
 
@@ -169,5 +203,52 @@ pub async fn rotate_if_due(
         }
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokens::{RunRef, RunTokenSpec, VerifyError};
+
+    fn token(set: &KeySet, iat: Timestamp, ttl_secs: i64) -> String {
+        let actors = vec!["spiffe://td/ns/n/agent/a/run/r".to_string()];
+        let claims = RunTokenSpec {
+            issuer: "https://deputy",
+            principal: "alice@example.com",
+            audiences: &["svc".to_string()],
+            identity: &actors[0],
+            scope: "a:b".into(),
+            actors: &actors,
+            run: RunRef { namespace: "n".into(), name: "r".into(), uid: "u".into() },
+            task: "t",
+            issued_at: iat,
+            ttl: SignedDuration::from_secs(ttl_secs),
+            not_after: iat + SignedDuration::from_hours(1),
+        }
+        .claims();
+        set.active().sign(&claims).unwrap()
+    }
+
+    #[test]
+    fn the_verified_cache_rechecks_time_and_dies_with_the_keys() {
+        let set = KeySet::generate(Alg::EdDSA, Timestamp::now()).unwrap();
+        let material = KeyMaterial::new("https://deputy", set, None).unwrap();
+        let good = token(&material.set, Timestamp::now(), 600);
+        assert!(material.verify_any_audience(&good).is_ok());
+        assert!(material.verify_any_audience(&good).is_ok(), "second use from the cache");
+        assert_eq!(material.verified.lock().unwrap().len(), 1);
+        // An expired token is refused even when its signature was verified before.
+        let short = token(&material.set, Timestamp::now() - SignedDuration::from_secs(100), 1);
+        assert_eq!(material.verify_any_audience(&short), Err(VerifyError::Expired));
+        // A tampered token has another digest: full verification, refused.
+        let mut bad = good.clone();
+        let last = bad.pop();
+        bad.push(if last == Some('A') { 'B' } else { 'A' });
+        assert!(material.verify_any_audience(&bad).is_err());
+        // New keys (rotation/removal) start with an empty cache.
+        let other =
+            KeyMaterial::new("https://deputy", KeySet::generate(Alg::EdDSA, Timestamp::now()).unwrap(), None).unwrap();
+        assert!(matches!(other.verify_any_audience(&good), Err(VerifyError::UnknownKey(_))));
     }
 }
