@@ -14,8 +14,6 @@ use kube::api::DeleteParams;
 use support::Env;
 
 const T: Duration = Duration::from_secs(20);
-const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 
 /// Granted but not exercised by this flow, and why.
 const UNUSED_BUT_NEEDED: [(&str, &str, &str); 8] = [
@@ -62,19 +60,7 @@ async fn every_request_is_granted_and_every_grant_is_used() {
     // Token endpoint: exchange (TokenReview), introspect, revoke (annotation patch).
     let subject = env.run_token("gdpr-check-q4").await.unwrap();
     let actor = env.actor_token("gdpr-check-q4").await;
-    let (status, _) = env
-        .post(
-            "/token",
-            &[
-                ("grant_type", EXCHANGE),
-                ("subject_token", &subject),
-                ("subject_token_type", JWT),
-                ("actor_token", &actor),
-                ("actor_token_type", JWT),
-            ],
-            None,
-        )
-        .await;
+    let (status, _) = env.post("/token", &support::exchange_form(&subject, &actor), None).await;
     assert_eq!(status, 200);
     let (status, _) = env.post("/revoke", &[("token", &subject)], Some(&actor)).await;
     assert_eq!(status, 200);

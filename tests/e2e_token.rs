@@ -15,12 +15,10 @@ use deputy_testapi::UserInfo;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use serde_json::{Value, json};
-use support::{Env, OPERATOR_NS, wait_until};
+use support::{Env, OPERATOR_NS, exchange_form, wait_until};
 
 const T: Duration = Duration::from_secs(20);
-const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
-const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+use deputy::server::{GRANT_TYPE_EXCHANGE as EXCHANGE, TOKEN_TYPE_ACCESS as ACCESS, TOKEN_TYPE_JWT as JWT};
 
 /// An active GDPR run with its pod running; returns (run token, actor token).
 async fn active_run(env: &Env, run: &str) -> (String, String) {
@@ -28,17 +26,6 @@ async fn active_run(env: &Env, run: &str) -> (String, String) {
     env.set_pod_phase(&format!("deputy-run-{run}"), "Running").await;
     env.wait_phase(run, "Running", T).await;
     (env.run_token(run).await.unwrap(), env.actor_token(run).await)
-}
-
-fn exchange_form<'a>(subject: &'a str, actor: &'a str) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("grant_type", EXCHANGE),
-        ("subject_token", subject),
-        ("subject_token_type", JWT),
-        ("actor_token", actor),
-        ("actor_token_type", JWT),
-        ("audience", "gdpr-compliance-service"),
-    ]
 }
 
 /// The operator's signing keys, read from its Secret (to forge tokens the endpoint must
@@ -367,39 +354,21 @@ async fn the_python_example_verifies_an_exchanged_token() {
     assert_eq!(status, 200);
     let token = body["access_token"].as_str().unwrap().to_string();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/clients/verify.py");
-    let out = tokio::process::Command::new(&python)
-        .arg(&script)
-        .args([
-            "--issuer",
-            &env.token_url(),
-            "--jwks",
-            &format!("{}/jwks.json", env.token_url()),
-            "--audience",
-            "gdpr-compliance-service",
-        ])
-        .arg(&token)
-        .output()
-        .await
-        .unwrap();
+    let verify = |audience: &str| {
+        let mut cmd = tokio::process::Command::new(&python);
+        cmd.arg(&script)
+            .args(["--issuer", &env.token_url(), "--jwks", &format!("{}/jwks.json", env.token_url())])
+            .args(["--audience", audience])
+            .arg(&token);
+        cmd
+    };
+    let out = verify("gdpr-compliance-service").output().await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "verify.py failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("principal: alice@example.com"), "{stdout}");
     assert!(stdout.contains("actor: spiffe://cluster.local/"), "{stdout}");
     // And it refuses the same token for another audience.
-    let out = tokio::process::Command::new(&python)
-        .arg(&script)
-        .args([
-            "--issuer",
-            &env.token_url(),
-            "--jwks",
-            &format!("{}/jwks.json", env.token_url()),
-            "--audience",
-            "payments-service",
-        ])
-        .arg(&token)
-        .output()
-        .await
-        .unwrap();
+    let out = verify("payments-service").output().await.unwrap();
     assert!(!out.status.success());
 }
 

@@ -130,20 +130,15 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     }
 
     match (phase.is_active(), decide(run, ctx, now)) {
-        (false, Decision::Denied(refusal)) if refusal.reason.is_transient() => wait(run, ctx, refusal, now).await,
-        (false, Decision::Denied(refusal)) => deny(run, ctx, refusal, now).await,
         (false, Decision::Authorized(_)) => {
             // Before granting anything, decide again on a fresh read of the grants: the
             // grant cache and the run cache are separate watches, and a Deny grant created just
             // before the run must never lose that race.
             let api: Api<DelegationGrant> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
             let fresh = api.list(&ListParams::default()).await?.items;
-            match decide_with(run, ctx, &fresh, now) {
-                Decision::Authorized(auth) => authorize(run, ctx, auth, now).await,
-                Decision::Denied(refusal) if refusal.reason.is_transient() => wait(run, ctx, refusal, now).await,
-                Decision::Denied(refusal) => deny(run, ctx, refusal, now).await,
-            }
+            settle_pending(run, ctx, decide_with(run, ctx, &fresh, now), now).await
         }
+        (false, refused) => settle_pending(run, ctx, refused, now).await,
         (true, Decision::Denied(refusal)) => {
             let reason = revocation_reason(refusal.reason);
             end(run, ctx, RunPhase::Revoked, reason, &refusal.message).await
@@ -157,7 +152,17 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
-/// Whether stop the pod when a run ends in `phase` (a finished pod is kept for its logs).
+/// Carries out the decision for a run that is not active yet: authorise it, let it wait for
+/// something it names, or deny it for good.
+async fn settle_pending(run: &AgentRun, ctx: &Context, decision: Decision, now: Timestamp) -> Result<Action, Error> {
+    match decision {
+        Decision::Authorized(auth) => authorize(run, ctx, auth, now).await,
+        Decision::Denied(refusal) if refusal.reason.is_transient() => wait(run, ctx, refusal, now).await,
+        Decision::Denied(refusal) => deny(run, ctx, refusal, now).await,
+    }
+}
+
+/// Whether to stop the pod when a run ends in `phase` (a finished pod is kept for its logs).
 fn stop_pod(phase: RunPhase) -> bool {
     !matches!(phase, RunPhase::Succeeded | RunPhase::Failed | RunPhase::Denied)
 }
@@ -218,24 +223,28 @@ fn chain_of(status: &AgentRunStatus) -> Vec<String> {
     status.delegation_chain.get(1..).map(<[String]>::to_vec).unwrap_or_default()
 }
 
-/// A pending run that names something not there yet waits for it.
-async fn wait(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -> Result<Action, Error> {
+/// The run's status with `phase` and the refusal as reason, message and `Authorized=False`.
+fn refused_status(run: &AgentRun, phase: RunPhase, refusal: &Refusal, now: Timestamp) -> AgentRunStatus {
     let mut status = run.status.clone().unwrap_or_default();
-    let already = status.reason.as_deref() == Some(refusal.reason.as_str());
-    status.phase = Some(RunPhase::Pending);
+    status.phase = Some(phase);
     status.reason = Some(refusal.reason.as_str().into());
     status.message = Some(refusal.message.clone());
-    set_condition(
-        &mut status.conditions,
-        Condition::new(
-            COND_AUTHORIZED,
-            false,
-            refusal.reason.as_str(),
-            refusal.message.clone(),
-            now,
-            run.metadata.generation,
-        ),
+    let cond = Condition::new(
+        COND_AUTHORIZED,
+        false,
+        refusal.reason.as_str(),
+        refusal.message.clone(),
+        now,
+        run.metadata.generation,
     );
+    set_condition(&mut status.conditions, cond);
+    status
+}
+
+/// A pending run that names something not there yet waits for it.
+async fn wait(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -> Result<Action, Error> {
+    let already = run.status.as_ref().and_then(|s| s.reason.as_deref()) == Some(refusal.reason.as_str());
+    let status = refused_status(run, RunPhase::Pending, &refusal, now);
     write_status(run, ctx, status).await?;
     if !already {
         publish(
@@ -256,23 +265,9 @@ async fn wait(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -
 }
 
 async fn deny(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -> Result<Action, Error> {
-    let mut status = run.status.clone().unwrap_or_default();
-    status.phase = Some(RunPhase::Denied);
-    status.reason = Some(refusal.reason.as_str().into());
-    status.message = Some(refusal.message.clone());
+    let mut status = refused_status(run, RunPhase::Denied, &refusal, now);
     status.denied_scopes = refusal.denied_scopes.clone();
     status.completed_at = Some(now);
-    set_condition(
-        &mut status.conditions,
-        Condition::new(
-            COND_AUTHORIZED,
-            false,
-            refusal.reason.as_str(),
-            refusal.message.clone(),
-            now,
-            run.metadata.generation,
-        ),
-    );
     write_status(run, ctx, status).await?;
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();

@@ -420,17 +420,19 @@ async fn introspect(
         };
         return err.into_response();
     }
-    let form = match Form::parse(content_type(&headers), &body) {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
-    let token = match form.require("token") {
+    let token = match token_param(&headers, &body) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    let answer = introspection(&s, token);
+    let answer = introspection(&s, &token);
     s.metrics.introspection(if answer["active"] == true { "active" } else { "inactive" });
     json_response(StatusCode::OK, &answer, "no-store")
+}
+
+/// The `token` parameter of an introspection or revocation form.
+fn token_param(headers: &HeaderMap, body: &[u8]) -> Result<String, OAuthError> {
+    let form = Form::parse(content_type(headers), body)?;
+    Ok(form.require("token")?.to_string())
 }
 
 /// RFC 7662 answer for `token`: inactive for anything expired, malformed, foreign, or of a
@@ -473,16 +475,12 @@ async fn revoke(
         return OAuthError::new(ErrorCode::InvalidClient, "authenticate with the run's actor token as a bearer token")
             .into_response();
     };
-    let form = match Form::parse(content_type(&headers), &body) {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
-    let token = match form.require("token") {
+    let token = match token_param(&headers, &body) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
     // RFC 7009 §2.2: an invalid or unknown token still gets 200.
-    let Ok(c) = s.keys.get().verifier.verify(token, AudienceCheck::Any) else { return StatusCode::OK.into_response() };
+    let Ok(c) = s.keys.get().verifier.verify(&token, AudienceCheck::Any) else { return StatusCode::OK.into_response() };
     let Some(run) = run_of(&s.runs, &c) else { return StatusCode::OK.into_response() };
     if let Err(e) = authenticate_actor(&s, actor, &run).await {
         return e.into_response();

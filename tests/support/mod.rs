@@ -347,6 +347,19 @@ impl Env {
     }
 }
 
+/// A valid token-exchange form for a GDPR example run (`examples/gdpr-compliance.yaml`).
+pub fn exchange_form<'a>(subject: &'a str, actor: &'a str) -> Vec<(&'a str, &'a str)> {
+    use deputy::server::{GRANT_TYPE_EXCHANGE, TOKEN_TYPE_JWT};
+    vec![
+        ("grant_type", GRANT_TYPE_EXCHANGE),
+        ("subject_token", subject),
+        ("subject_token_type", TOKEN_TYPE_JWT),
+        ("actor_token", actor),
+        ("actor_token_type", TOKEN_TYPE_JWT),
+        ("audience", "gdpr-compliance-service"),
+    ]
+}
+
 /// Polls `f` every 50 ms until it returns true or `timeout` passes.
 pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
 where
