@@ -369,16 +369,26 @@ pub async fn exchange(
     ))
 }
 
+/// A Kubernetes token that TokenReview refused is the client's fault (`invalid_client`, 401);
+/// one that could not be reviewed at all is the API server's (503, so the client retries).
+fn review_failure(what: &str, e: ReviewError) -> OAuthError {
+    match e {
+        ReviewError::Rejected(why) => OAuthError::new(ErrorCode::InvalidClient, format!("{what}: {why}")),
+        ReviewError::Unavailable(why) => {
+            OAuthError::new(ErrorCode::InvalidRequest, format!("{what} could not be checked: {why}"))
+                .with_status(StatusCode::SERVICE_UNAVAILABLE)
+        }
+    }
+}
+
 /// The actor token must be a bound service-account token for Deputy's issuer, of the run's
 /// own ServiceAccount, and (where the review says which pod it is bound to) of the run's pod.
 async fn authenticate_actor(s: &EndpointState, actor_token: &str, run: &AgentRun) -> Result<(), OAuthError> {
-    let reviewed = s.reviewer.review(actor_token, std::slice::from_ref(&s.issuer)).await.map_err(|e| match e {
-        ReviewError::Rejected(why) => OAuthError::new(ErrorCode::InvalidClient, format!("actor_token: {why}")),
-        ReviewError::Unavailable(why) => {
-            OAuthError::new(ErrorCode::InvalidRequest, format!("actor_token could not be checked: {why}"))
-                .with_status(StatusCode::SERVICE_UNAVAILABLE)
-        }
-    })?;
+    let reviewed = s
+        .reviewer
+        .review(actor_token, std::slice::from_ref(&s.issuer))
+        .await
+        .map_err(|e| review_failure("actor_token", e))?;
     let ns = run.namespace().unwrap_or_default();
     let child = children::child_name(&run.name_any());
     let expected = format!("system:serviceaccount:{ns}:{child}");
@@ -412,13 +422,7 @@ async fn introspect(
     };
     if let Err(e) = s.reviewer.review(caller, &[]).await {
         s.metrics.introspection("unauthorized");
-        let err = match e {
-            ReviewError::Rejected(why) => OAuthError::new(ErrorCode::InvalidClient, why),
-            ReviewError::Unavailable(why) => {
-                OAuthError::new(ErrorCode::InvalidRequest, why).with_status(StatusCode::SERVICE_UNAVAILABLE)
-            }
-        };
-        return err.into_response();
+        return review_failure("the bearer token", e).into_response();
     }
     let token = match token_param(&headers, &body) {
         Ok(t) => t,

@@ -11,6 +11,11 @@ struct Args {
     /// Write a kubeconfig for the server here.
     #[arg(long)]
     kubeconfig: Option<std::path::PathBuf>,
+    /// How many events the watch history keeps; a watch from an older resourceVersion gets
+    /// 410 Gone and relists. A real API server keeps minutes of history, so large benchmarks
+    /// raise this.
+    #[arg(long)]
+    history: Option<usize>,
 }
 
 #[tokio::main]
@@ -23,6 +28,9 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(n) = args.history {
+        server.set_history_limit(n);
+    }
     if let Some(path) = &args.kubeconfig
         && let Err(e) = server.write_kubeconfig(path)
     {

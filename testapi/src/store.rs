@@ -7,7 +7,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::resources::{self, CRD_KEY, NAMESPACE_KEY, ResourceDef};
 use crate::tokens::TokenEntry;
 use serde_json::{Map, Value, json};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
@@ -57,6 +57,9 @@ pub struct State {
     pub history_limit: usize,
     /// Highest resourceVersion no longer in `history`; watches from an older one get 410.
     pub compacted: u64,
+    /// Owner uid -> the objects whose ownerReferences name it (for garbage collection without
+    /// scanning every object).
+    dependents: HashMap<String, BTreeSet<ObjKey>>,
     /// Applied field sets: (object, is-status-subresource) -> manager -> fields.
     managers: HashMap<(ObjKey, bool), BTreeMap<String, FieldSet>>,
     /// resource -> verb -> count.
@@ -82,6 +85,16 @@ pub fn now() -> String {
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     obj.get("metadata")?.get(field)?.as_str()
+}
+
+/// The uids an object's ownerReferences name.
+fn owner_uids(obj: &Value) -> Vec<String> {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("uid").and_then(Value::as_str).map(str::to_string))
+        .collect()
 }
 
 fn finalizers(obj: &Value) -> Vec<Value> {
@@ -123,6 +136,7 @@ impl State {
             history: VecDeque::new(),
             history_limit: history_limit.max(1),
             compacted: 0,
+            dependents: HashMap::new(),
             managers: HashMap::new(),
             stats: BTreeMap::new(),
             stats_by_agent: BTreeMap::new(),
@@ -174,11 +188,7 @@ impl State {
         if let Ok(meta) = meta_mut(&mut obj) {
             meta.insert("resourceVersion".into(), Value::String(self.rv.to_string()));
         }
-        if typ == EventType::Deleted {
-            self.objects.remove(&key);
-        } else {
-            self.objects.insert(key.clone(), obj.clone());
-        }
+        self.set_object(&key, (typ != EventType::Deleted).then(|| obj.clone()));
         if self.history.len() >= self.history_limit
             && let Some(e) = self.history.pop_front()
         {
@@ -187,6 +197,31 @@ impl State {
         self.history.push_back(Event { rv: self.rv, res: key.res, typ, object: obj.clone(), old });
         self.notify.send_replace(self.rv);
         obj
+    }
+
+    /// Store (`Some`) or drop (`None`) an object, keeping the owner index in step.
+    fn set_object(&mut self, key: &ObjKey, obj: Option<Value>) {
+        if let Some(obj) = &obj {
+            for uid in owner_uids(obj) {
+                self.dependents.entry(uid).or_default().insert(key.clone());
+            }
+        }
+        let previous = match obj {
+            Some(obj) => self.objects.insert(key.clone(), obj),
+            None => self.objects.remove(key),
+        };
+        let current = self.objects.get(key).map(owner_uids).unwrap_or_default();
+        for uid in previous.as_ref().map(owner_uids).unwrap_or_default() {
+            if current.contains(&uid) {
+                continue;
+            }
+            if let Some(set) = self.dependents.get_mut(&uid) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.dependents.remove(&uid);
+                }
+            }
+        }
     }
 
     /// Server-maintained parts of special objects.
@@ -215,11 +250,7 @@ impl State {
     }
 
     pub fn list(&self, res_key: &str, ns: Option<&str>, filter: impl Fn(&Value) -> bool) -> Vec<Value> {
-        self.objects
-            .iter()
-            .filter(|(k, v)| k.res == res_key && ns.is_none_or(|ns| k.ns == ns) && filter(v))
-            .map(|(_, v)| v.clone())
-            .collect()
+        self.of_resource(res_key, ns).filter(|(_, v)| filter(v)).map(|(_, v)| v.clone()).collect()
     }
 
     pub fn create(&mut self, res: &ResourceDef, ns: Option<&str>, mut obj: Value) -> ApiResult<Value> {
@@ -374,7 +405,7 @@ impl State {
         }
         self.hooks(res, &mut new)?;
         if deleting && new_f.is_empty() {
-            self.objects.insert(key.clone(), new);
+            self.set_object(key, Some(new));
             return self.remove(key).ok_or_else(|| ApiError::not_found(&res_name(res), &key.name));
         }
         Ok(self.commit(key.clone(), new, EventType::Modified, Some(old)))
@@ -534,27 +565,36 @@ impl State {
     }
 
     fn dependents(&self, uid: &str) -> Vec<(ObjKey, Value)> {
-        self.objects
-            .iter()
-            .filter(|(_, v)| {
-                v.pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                    .is_some_and(|refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid)))
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
+        self.dependents
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.objects.get(k).map(|v| (k.clone(), v.clone())))
             .collect()
+    }
+
+    /// The objects of one resource (in one namespace), in key order.
+    fn of_resource<'a>(
+        &'a self,
+        res_key: &'a str,
+        ns: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a ObjKey, &'a Value)> {
+        let start = ObjKey { res: res_key.to_string(), ns: ns.unwrap_or_default().to_string(), name: String::new() };
+        self.objects.range(start..).take_while(move |(k, _)| k.res == res_key && ns.is_none_or(|ns| k.ns == ns))
     }
 
     /// Final removal: DELETED event, then cascade (CRD instances, namespace contents, dependents).
     fn remove(&mut self, key: &ObjKey) -> Option<Value> {
         let obj = self.objects.get(key).cloned()?;
         let gone = self.commit(key.clone(), obj.clone(), EventType::Deleted, None);
-        self.managers.retain(|(k, _), _| k != key);
+        self.managers.remove(&(key.clone(), false));
+        self.managers.remove(&(key.clone(), true));
         if key.res == CRD_KEY
             && let Ok(def) = resources::from_crd(&obj)
         {
             self.resources.retain(|r| !(r.custom && r.key() == def.key()));
-            let keys: Vec<ObjKey> = self.objects.keys().filter(|k| k.res == def.key()).cloned().collect();
+            let res_key = def.key();
+            let keys: Vec<ObjKey> = self.of_resource(&res_key, None).map(|(k, _)| k.clone()).collect();
             for k in keys {
                 self.remove(&k);
             }

@@ -122,10 +122,13 @@ async fn run(shared: Shared, filter: Filter, opts: WatchOptions, tx: mpsc::Sende
             // A watcher that fell behind the history it could replay gets 410 Gone (as from a
             // real API server) rather than silently skipping events.
             let behind = st.compacted > last;
+            // The history is ordered by resourceVersion: start at the first event after
+            // `last` rather than scanning all of it for every watcher on every change.
+            let from = st.history.partition_point(|e| e.rv <= last);
             let out = st
                 .history
-                .iter()
-                .filter(|e| e.rv > last && e.res == res_key)
+                .range(from..)
+                .filter(|e| e.res == res_key)
                 .filter_map(|e| {
                     let now = filter.matches(&e.object);
                     let before = e.old.as_ref().is_some_and(|o| filter.matches(o));
