@@ -32,6 +32,7 @@ use deputy::server::{EndpointState, router};
 use deputy::signing::{KeyMaterial, KeyStore};
 use deputy::tokens::{Alg, AudienceCheck, KeySet, RunRef, RunTokenSpec, Verifier};
 use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 use serde_json::json;
 use tower::ServiceExt;
@@ -193,6 +194,16 @@ fn bench_exchange(c: &mut Criterion) {
     });
     let (runs, mut writer) = kube::runtime::reflector::store::<AgentRun>();
     writer.apply_watcher_event(&watcher::Event::Apply(run(&uid, status)));
+    // Its pod, running (the endpoint looks it up on every exchange).
+    let (pods, mut pod_writer) = kube::runtime::reflector::store::<Pod>();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("deputy-run-{RUN}"), "namespace": NS,
+                     "ownerReferences": [{"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun", "name": RUN,
+                                          "uid": uid, "controller": true}]},
+        "status": {"phase": "Running"},
+    }))
+    .unwrap();
+    pod_writer.apply_watcher_event(&watcher::Event::Apply(pod));
 
     // The subject token (the run token) and the actor token (the pod's service-account token,
     // answered by the test API server's TokenReview).
@@ -215,6 +226,7 @@ fn bench_exchange(c: &mut Criterion) {
     let state = Arc::new(EndpointState {
         keys: Arc::new(KeyStore::new(&issuer, material)),
         runs,
+        pods,
         reviewer: Reviewer::new(client.clone(), metrics.clone()),
         metrics,
         client,

@@ -71,6 +71,9 @@ pub struct RunArgs {
     /// reconciles; every replica serves tokens.
     #[arg(long = "leader-election-lease", env = "DEPUTY_LEASE", default_value = "deputy-controller")]
     pub lease: String,
+    /// How many runs are reconciled at once (0: unbounded).
+    #[arg(long, env = "DEPUTY_MAX_CONCURRENT_RECONCILES", default_value_t = 32)]
+    pub max_concurrent_reconciles: u16,
     /// Log format on stderr: text or json. Audit lines always go to stdout as JSON.
     #[arg(long, env = "DEPUTY_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -139,6 +142,7 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
     let state = Arc::new(EndpointState {
         keys: keys.clone(),
         runs: stores.runs.clone(),
+        pods: stores.pods.clone(),
         reviewer: Reviewer::new(client.clone(), metrics.clone()),
         metrics: metrics.clone(),
         client: client.clone(),
@@ -298,6 +302,7 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
             policy,
             children: ChildConfig { issuer: issuer.clone(), token_endpoint },
             max_backoff: std::time::Duration::from_secs(300),
+            max_concurrent_reconciles: args.max_concurrent_reconciles,
         };
         let mut stop = stop_rx.clone();
         let mut still_leader = leader.clone();

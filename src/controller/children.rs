@@ -12,12 +12,12 @@ use k8s_openapi::api::core::v1::{
     EnvVar, KeyToPath, Pod, PodTemplateSpec, ProjectedVolumeSource, Secret, SecretProjection, ServiceAccount,
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
-use kube::Resource;
 use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
 use serde::Serialize;
 
 use crate::authorization::Authorization;
-use crate::resources::{Agent, AgentRun};
+use crate::resources::{Agent, AgentRun, RunPhase};
 
 /// Where the projected volume is mounted in every container.
 pub const MOUNT_PATH: &str = "/var/run/secrets/deputy.dev";
@@ -70,6 +70,25 @@ fn bounded(prefix: &str, name: &str, max: usize) -> String {
 /// The name of a run's ServiceAccount, Secret and Pod: `deputy-run-<run>`.
 pub fn child_name(run_name: &str) -> String {
     bounded("deputy-run-", run_name, 253)
+}
+
+/// How a run's pod ended, if it has: the run's final phase, a reason and a message. A pod
+/// being deleted counts as failed.
+pub fn pod_end(pod: &Pod) -> Option<(RunPhase, &'static str, &'static str)> {
+    match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Succeeded") => Some((RunPhase::Succeeded, "PodSucceeded", "the run's pod completed")),
+        Some("Failed") => Some((RunPhase::Failed, "PodFailed", "the run's pod failed")),
+        _ if pod.metadata.deletion_timestamp.is_some() => {
+            Some((RunPhase::Failed, "PodDeleted", "the run's pod was deleted"))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `pod` is the run's own (its controller owner reference names the run's uid).
+pub fn owned_by(pod: &Pod, run: &AgentRun) -> bool {
+    let uid = run.metadata.uid.as_deref();
+    uid.is_some() && pod.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)
 }
 
 /// A label value (at most 63 characters) naming `name`.

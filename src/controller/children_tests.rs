@@ -215,3 +215,46 @@ fn rotation_is_at_half_life_with_bounded_jitter_spread_across_runs() {
     assert!(seconds.len() >= 50, "1000 runs rotate over {} distinct seconds", seconds.len());
     assert!(rotation_at(iat, exp, "u", 1) < exp);
 }
+
+fn pod(phase: &str, deleting: bool, owner_uid: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": "deputy-run-gdpr-check-q4",
+            "namespace": "marketing",
+            "deletionTimestamp": deleting.then_some("2026-11-23T12:00:00Z"),
+            "ownerReferences": [{"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
+                                 "name": "gdpr-check-q4", "uid": owner_uid, "controller": true}],
+        },
+        "status": {"phase": phase},
+    }))
+    .unwrap()
+}
+
+#[test]
+fn pod_end_maps_phase_and_deletion_to_the_run_outcome() {
+    let cases = [
+        ("Pending", false, None),
+        ("Running", false, None),
+        ("Unknown", false, None),
+        ("Succeeded", false, Some((RunPhase::Succeeded, "PodSucceeded"))),
+        ("Failed", false, Some((RunPhase::Failed, "PodFailed"))),
+        // A finished pod that is also being deleted keeps its own outcome.
+        ("Succeeded", true, Some((RunPhase::Succeeded, "PodSucceeded"))),
+        ("Running", true, Some((RunPhase::Failed, "PodDeleted"))),
+    ];
+    for (phase, deleting, want) in cases {
+        let got = pod_end(&pod(phase, deleting, "uid-1")).map(|(p, r, _)| (p, r));
+        assert_eq!(got, want, "{phase} deleting={deleting}");
+    }
+}
+
+#[test]
+fn owned_by_needs_the_runs_uid() {
+    let r = run(json!({"spec": {"containers": []}}));
+    assert!(owned_by(&pod("Running", false, "uid-1"), &r));
+    // A pod of the same name left by an earlier run of that name is not this run's.
+    assert!(!owned_by(&pod("Running", false, "uid-0"), &r));
+    let mut no_uid = r.clone();
+    no_uid.metadata.uid = None;
+    assert!(!owned_by(&pod("Running", false, ""), &no_uid));
+}

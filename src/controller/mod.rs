@@ -38,6 +38,9 @@ pub struct ControllerConfig {
     pub children: ChildConfig,
     /// The longest delay between retries of a failing reconcile.
     pub max_backoff: Duration,
+    /// How many runs are reconciled at once (0: unbounded). Bounds the operator's memory and
+    /// its in-flight requests to the API server when thousands of runs start together.
+    pub max_concurrent_reconciles: u16,
 }
 
 /// Errors of one reconcile. Each has a static category for metrics and Events.
@@ -387,6 +390,7 @@ pub async fn run(
     let status_loop = grants::status_loop(ctx.clone(), rx, shutdown_tx.subscribe());
     let mut stop = shutdown_tx.subscribe();
     let controller = Controller::for_stream(runs_main, stores.runs.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.cfg.max_concurrent_reconciles))
         .owns_stream(pods)
         .owns_stream(secrets)
         .owns_stream(service_accounts)

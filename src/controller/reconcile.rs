@@ -443,19 +443,14 @@ async fn keep_active(
         // The cache may lag our own create; ask before acting.
         pod = Api::<Pod>::namespaced(ctx.client.clone(), &ns).get_opt(&child).await?.map(Arc::new);
     }
-    let pod_phase = pod.as_ref().and_then(|p| p.status.as_ref()).and_then(|s| s.phase.clone());
-    match (pod.as_ref(), pod_phase.as_deref()) {
-        (Some(_), Some("Succeeded")) => {
-            return end(run, ctx, RunPhase::Succeeded, "PodSucceeded", "the run's pod completed").await;
-        }
-        (Some(_), Some("Failed")) => return end(run, ctx, RunPhase::Failed, "PodFailed", "the run's pod failed").await,
-        (Some(p), _) if p.metadata.deletion_timestamp.is_some() => {
+    if let Some((phase, reason, message)) = pod.as_deref().and_then(children::pod_end) {
+        return end(run, ctx, phase, reason, message).await;
+    }
+    match pod.as_ref() {
+        None if status.phase == Some(RunPhase::Running) => {
             return end(run, ctx, RunPhase::Failed, "PodDeleted", "the run's pod was deleted").await;
         }
-        (None, _) if status.phase == Some(RunPhase::Running) => {
-            return end(run, ctx, RunPhase::Failed, "PodDeleted", "the run's pod was deleted").await;
-        }
-        (None, _) => {
+        None => {
             // Authorized but the pod is missing (e.g. the operator stopped before creating it).
             let agent = ctx
                 .stores
@@ -470,7 +465,10 @@ async fn keep_active(
                     .await?;
             }
         }
-        (Some(_), Some("Running")) if status.phase == Some(RunPhase::Authorized) => {
+        Some(p)
+            if status.phase == Some(RunPhase::Authorized)
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") =>
+        {
             status.phase = Some(RunPhase::Running);
             status.reason = Some("PodRunning".into());
             status.message = Some("the run's pod is running".into());

@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Serialize;
@@ -48,6 +49,8 @@ pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_tok
 pub struct EndpointState {
     pub keys: Arc<KeyStore>,
     pub runs: Store<AgentRun>,
+    /// The runs' pods (phase only), so that a run whose pod has ended is inactive at once.
+    pub pods: Store<Pod>,
     pub reviewer: Reviewer,
     pub metrics: Arc<Metrics>,
     pub client: kube::Client,
@@ -148,6 +151,21 @@ pub fn run_of(runs: &Store<AgentRun>, claims: &Claims) -> Option<Arc<AgentRun>> 
     (run.metadata.uid.as_deref() == Some(claims.run.uid.as_str())).then_some(run)
 }
 
+/// Whether the run may use its tokens now: its status says it is active, and its pod (when the
+/// cache holds it) has not ended. Looking at the pod too means every replica refuses a finished
+/// run's tokens as soon as the pod's phase reaches it, without waiting for the controller to
+/// end the run (which, with thousands of pods ending at once, can take seconds).
+pub fn is_live(pods: &Store<Pod>, run: &AgentRun) -> bool {
+    is_active(run) && !pod_has_ended(pods, run)
+}
+
+fn pod_has_ended(pods: &Store<Pod>, run: &AgentRun) -> bool {
+    let name = children::child_name(&run.name_any());
+    let pod = pods.get(&ObjectRef::new(&name).within(&run.namespace().unwrap_or_default()));
+    pod.is_some_and(|p| children::owned_by(&p, run) && children::pod_end(&p).is_some())
+}
+
+/// Whether the run's status says it is active (not yet ended, not revoked, not deleted).
 pub fn is_active(run: &AgentRun) -> bool {
     run.metadata.deletion_timestamp.is_none()
         && !run.annotations().contains_key(REVOKE_ANNOTATION)
@@ -268,7 +286,7 @@ pub async fn exchange(
     // Its run must be active at this moment.
     let run = run_of(&s.runs, &subject)
         .ok_or_else(|| fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run does not exist")))?;
-    if !is_active(&run) {
+    if !is_live(&s.pods, &run) {
         return Err(fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run is not active")));
     }
     let status = run.status.clone().unwrap_or_default();
@@ -445,7 +463,7 @@ pub fn introspection(s: &EndpointState, token: &str) -> serde_json::Value {
     let inactive = json!({"active": false});
     let Ok(c) = s.keys.get().verify_any_audience(token) else { return inactive };
     let Some(run) = run_of(&s.runs, &c) else { return inactive };
-    if !is_active(&run) {
+    if !is_live(&s.pods, &run) {
         return inactive;
     }
     json!({
@@ -489,7 +507,7 @@ async fn revoke(
     if let Err(e) = authenticate_actor(&s, actor, &run).await {
         return e.into_response();
     }
-    if !is_active(&run) {
+    if !is_live(&s.pods, &run) {
         return StatusCode::OK.into_response();
     }
     let api: Api<AgentRun> = Api::namespaced(s.client.clone(), &c.run.namespace);
@@ -508,5 +526,61 @@ async fn revoke(
         Err(e) => OAuthError::new(ErrorCode::InvalidRequest, format!("could not revoke: {e}"))
             .with_status(StatusCode::SERVICE_UNAVAILABLE)
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher;
+    use serde_json::json;
+
+    fn run(phase: &str) -> AgentRun {
+        serde_json::from_value(json!({
+            "apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
+            "metadata": {"name": "r1", "namespace": "ns", "uid": "uid-1"},
+            "spec": {"agent": "a", "principal": "alice@example.com", "task": "t", "scopes": ["x:y"],
+                     "audiences": ["svc"], "maxDuration": "1h"},
+            "status": {"phase": phase},
+        }))
+        .unwrap()
+    }
+
+    fn pods(phase: Option<&str>, owner_uid: &str) -> Store<Pod> {
+        let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
+        if let Some(phase) = phase {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": "deputy-run-r1", "namespace": "ns",
+                             "ownerReferences": [{"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
+                                                  "name": "r1", "uid": owner_uid, "controller": true}]},
+                "status": {"phase": phase},
+            }))
+            .unwrap();
+            writer.apply_watcher_event(&watcher::Event::Apply(pod));
+        }
+        store
+    }
+
+    #[test]
+    fn a_run_is_live_until_its_status_or_its_own_pod_says_it_ended() {
+        let cases = [
+            ("Running", Some("Running"), "uid-1", true),
+            ("Authorized", None, "uid-1", true),
+            ("Authorized", Some("Pending"), "uid-1", true),
+            // The pod has ended but the controller has not yet ended the run: already inactive.
+            ("Running", Some("Succeeded"), "uid-1", false),
+            ("Running", Some("Failed"), "uid-1", false),
+            // A finished pod of an earlier run with the same name does not end this one.
+            ("Running", Some("Succeeded"), "uid-0", true),
+            ("Succeeded", Some("Succeeded"), "uid-1", false),
+            ("Denied", None, "uid-1", false),
+        ];
+        for (run_phase, pod_phase, owner, want) in cases {
+            assert_eq!(
+                is_live(&pods(pod_phase, owner), &run(run_phase)),
+                want,
+                "{run_phase} / {pod_phase:?} / {owner}"
+            );
+        }
     }
 }
