@@ -16,14 +16,13 @@ use support::Env;
 const T: Duration = Duration::from_secs(20);
 
 /// Granted but not exercised by this flow, and why.
-const UNUSED_BUT_NEEDED: [(&str, &str, &str); 8] = [
+const UNUSED_BUT_NEEDED: [(&str, &str, &str); 7] = [
     (
         "agentruns/finalizers",
         "update",
         "checked by the OwnerReferencesPermissionEnforcement admission plugin, not a request",
     ),
     ("secrets", "update", "signing-key rotation (every 720h by default)"),
-    ("events", "patch", "the event recorder patches a repeated Event's series"),
     ("leases", "update", "kube-lease-manager may replace a lease it recovers"),
     ("pods", "create", "server-side apply that creates an object; granted in case the API server checks create"),
     ("serviceaccounts", "create", "as for pods"),

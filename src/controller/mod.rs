@@ -3,6 +3,7 @@
 //! it held when it ends (DESIGN.md, "What the controller does for a run").
 
 pub mod children;
+pub mod events;
 mod grants;
 mod reconcile;
 
@@ -14,7 +15,6 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller::Action, watcher};
 use kube::{Client, ResourceExt};
@@ -88,7 +88,7 @@ pub struct Context {
     pub cfg: ControllerConfig,
     pub keys: Arc<KeyStore>,
     pub stores: Stores,
-    pub recorder: Recorder,
+    pub events: events::Publisher,
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per object, for the capped exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -208,6 +208,10 @@ impl Watches {
             runs_writer,
             watcher(Api::<AgentRun>::all(client.clone()), wc.clone()).modify(|r: &mut AgentRun| {
                 r.metadata.managed_fields = None;
+                // `kubectl apply` keeps a copy of the whole object here; nothing reads it.
+                if let Some(a) = r.metadata.annotations.as_mut() {
+                    a.remove("kubectl.kubernetes.io/last-applied-configuration");
+                }
             }),
         )
         .default_backoff()
@@ -244,7 +248,7 @@ impl Watches {
         .boxed();
         let secrets = reflector::reflector(
             secrets_writer,
-            watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), children.clone()),
+            watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), children.clone()).modify(strip_meta),
         )
         .default_backoff()
         .touched_objects()
@@ -252,7 +256,7 @@ impl Watches {
         .boxed();
         let service_accounts = reflector::reflector(
             sa_writer,
-            watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()), children),
+            watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()), children).modify(strip_meta),
         )
         .default_backoff()
         .touched_objects()
@@ -267,12 +271,12 @@ impl Watches {
                 secrets: secrets_store,
                 service_accounts: sa_store,
             },
-            runs,
-            agents,
-            grants,
-            pods,
-            secrets,
-            service_accounts,
+            runs: detach(runs),
+            agents: detach(agents),
+            grants: detach(grants),
+            pods: detach(pods),
+            secrets: detach(secrets),
+            service_accounts: detach(service_accounts),
         }
     }
 }
@@ -325,14 +329,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let Watches { stores, runs, agents, grants, pods, secrets, service_accounts } = watches;
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "deputy".into(), instance: reporter_instance });
+    let events = events::Publisher::new(client.clone(), "deputy", reporter_instance);
     let (tx, rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         client: client.clone(),
         cfg,
         keys,
         stores: stores.clone(),
-        recorder,
+        events,
         metrics,
         failures: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
@@ -420,6 +424,12 @@ pub async fn run(
     tokio::join!(controller, status_loop, stopper);
 }
 
+/// Only the existence of a run's Secret and ServiceAccount matters: keep their cache small.
+fn strip_meta<K>(o: &mut PartialObjectMeta<K>) {
+    o.metadata.managed_fields = None;
+    o.metadata.annotations = None;
+}
+
 /// A filter that passes an object when its spec (generation) changed, when it is being
 /// deleted, or when it is gone from the cache (deleted) — but not for status-only updates,
 /// which Deputy itself makes to grants and agents and which would otherwise re-reconcile
@@ -449,6 +459,30 @@ where
 
 /// Duplicates a stream of results so two consumers each see every item.
 type WatchStream<T> = futures::stream::BoxStream<'static, Result<T, watcher::Error>>;
+
+/// Polls a reflector's stream in a task of its own, so that its cache follows the API server
+/// however far behind the consumer is. The controller polls its input streams only when it has
+/// a free reconcile slot; fed directly, the caches (which the token endpoint reads to refuse a
+/// finished run's tokens) would trail the API server by the controller's whole backlog. The
+/// consumer reads the same items from an unbounded channel; the task ends when the consumer
+/// is gone.
+fn detach<T: Send + 'static>(mut stream: WatchStream<T>) -> WatchStream<T> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                item = stream.next() => {
+                    let Some(item) = item else { return };
+                    if tx.send(item).is_err() {
+                        return;
+                    }
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed()
+}
 
 fn split<T: Clone + Send + 'static>(stream: WatchStream<T>) -> (WatchStream<T>, WatchStream<T>) {
     let (tx, rx) = mpsc::unbounded_channel::<T>();

@@ -8,13 +8,13 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::children::{self, RunInfo};
+use super::events::EventType;
 use super::{Context, Error, FINALIZER, MANAGER, requeue};
 use crate::audit::{Action as AuditAction, Record};
 use crate::authorization::{self, Authorization, Decision, Input, Reason, Refusal};
@@ -196,8 +196,7 @@ fn reference(run: &AgentRun) -> k8s_openapi::api::core::v1::ObjectReference {
 }
 
 async fn publish(ctx: &Context, run: &AgentRun, type_: EventType, reason: &str, action: &str, note: String) {
-    let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&ev, &reference(run)).await {
+    if let Err(e) = ctx.events.publish(&reference(run), type_, reason, action, &note).await {
         tracing::warn!(error = %e, "could not publish an Event");
     }
 }
