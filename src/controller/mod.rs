@@ -271,12 +271,12 @@ impl Watches {
                 secrets: secrets_store,
                 service_accounts: sa_store,
             },
-            runs: detach(runs),
-            agents: detach(agents),
-            grants: detach(grants),
-            pods: detach(pods),
-            secrets: detach(secrets),
-            service_accounts: detach(service_accounts),
+            runs: detach(runs, run_trigger),
+            agents: detach(agents, |a| a),
+            grants: detach(grants, |g| g),
+            pods: detach(pods, |p| p),
+            secrets: detach(secrets, |s| s),
+            service_accounts: detach(service_accounts, |s| s),
         }
     }
 }
@@ -464,16 +464,16 @@ type WatchStream<T> = futures::stream::BoxStream<'static, Result<T, watcher::Err
 /// however far behind the consumer is. The controller polls its input streams only when it has
 /// a free reconcile slot; fed directly, the caches (which the token endpoint reads to refuse a
 /// finished run's tokens) would trail the API server by the controller's whole backlog. The
-/// consumer reads the same items from an unbounded channel; the task ends when the consumer
-/// is gone.
-fn detach<T: Send + 'static>(mut stream: WatchStream<T>) -> WatchStream<T> {
+/// consumer reads the same items, through `shrink`, from an unbounded channel; the task ends
+/// when the consumer is gone.
+fn detach<T: Send + 'static>(mut stream: WatchStream<T>, shrink: fn(T) -> T) -> WatchStream<T> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 item = stream.next() => {
                     let Some(item) = item else { return };
-                    if tx.send(item).is_err() {
+                    if tx.send(item.map(shrink)).is_err() {
                         return;
                     }
                 }
@@ -482,6 +482,24 @@ fn detach<T: Send + 'static>(mut stream: WatchStream<T>) -> WatchStream<T> {
         }
     });
     tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed()
+}
+
+/// What the controller needs of a run that changed: which run it is (and its parent). The
+/// reconcile itself reads the whole run from the cache, so the queue between the cache and a
+/// busy controller need not hold the pod template and status of every version it passes on.
+fn run_trigger(run: AgentRun) -> AgentRun {
+    let AgentRun { metadata, spec, .. } = run;
+    AgentRun {
+        metadata: kube::api::ObjectMeta {
+            name: metadata.name,
+            namespace: metadata.namespace,
+            uid: metadata.uid,
+            resource_version: metadata.resource_version,
+            ..Default::default()
+        },
+        spec: crate::resources::AgentRunSpec { template: None, ..spec },
+        status: None,
+    }
 }
 
 fn split<T: Clone + Send + 'static>(stream: WatchStream<T>) -> (WatchStream<T>, WatchStream<T>) {
@@ -500,4 +518,28 @@ fn split<T: Clone + Send + 'static>(stream: WatchStream<T>) -> (WatchStream<T>, 
 /// An action to requeue after `d`, bounded below by one second.
 fn requeue(d: Duration) -> Action {
     Action::requeue(d.max(Duration::from_secs(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_run_trigger_names_the_same_run_and_carries_no_template_or_status() {
+        let run: AgentRun = serde_json::from_value(json!({
+            "apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
+            "metadata": {"name": "r1", "namespace": "ns", "uid": "u1", "resourceVersion": "7",
+                         "labels": {"a": "b"}, "finalizers": ["deputy.dev/cleanup"]},
+            "spec": {"agent": "a", "principal": "alice@example.com", "task": "t", "scopes": ["x:y"],
+                     "audiences": ["svc"], "maxDuration": "1h", "parentRun": "p1",
+                     "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}},
+            "status": {"phase": "Running"},
+        }))
+        .unwrap();
+        let t = run_trigger(run.clone());
+        assert_eq!(ObjectRef::from_obj(&t), ObjectRef::from_obj(&run));
+        assert_eq!(t.spec.parent_run.as_deref(), Some("p1"));
+        assert!(t.spec.template.is_none() && t.status.is_none() && t.metadata.labels.is_none());
+    }
 }
