@@ -25,6 +25,7 @@ use axum::body::Body;
 use axum::http::{Request, header};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use deputy::authorization::{Input, Policy, authorize};
+use deputy::controller::PodPhase;
 use deputy::metrics::Metrics;
 use deputy::resources::{Agent, AgentRun, DelegationGrant};
 use deputy::server::review::Reviewer;
@@ -32,7 +33,6 @@ use deputy::server::{EndpointState, router};
 use deputy::signing::{KeyMaterial, KeyStore};
 use deputy::tokens::{Alg, AudienceCheck, KeySet, RunRef, RunTokenSpec, Verifier};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 use serde_json::json;
 use tower::ServiceExt;
@@ -195,8 +195,8 @@ fn bench_exchange(c: &mut Criterion) {
     let (runs, mut writer) = kube::runtime::reflector::store::<AgentRun>();
     writer.apply_watcher_event(&watcher::Event::Apply(run(&uid, status)));
     // Its pod, running (the endpoint looks it up on every exchange).
-    let (pods, mut pod_writer) = kube::runtime::reflector::store::<Pod>();
-    let pod: Pod = serde_json::from_value(json!({
+    let (pods, mut pod_writer) = kube::runtime::reflector::store::<PodPhase>();
+    let pod: PodPhase = serde_json::from_value(json!({
         "metadata": {"name": format!("deputy-run-{RUN}"), "namespace": NS,
                      "ownerReferences": [{"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun", "name": RUN,
                                           "uid": uid, "controller": true}]},

@@ -216,7 +216,7 @@ fn rotation_is_at_half_life_with_bounded_jitter_spread_across_runs() {
     assert!(rotation_at(iat, exp, "u", 1) < exp);
 }
 
-fn pod(phase: &str, deleting: bool, owner_uid: &str) -> Pod {
+fn pod(phase: &str, deleting: bool, owner_uid: &str) -> PodPhase {
     serde_json::from_value(json!({
         "metadata": {
             "name": "deputy-run-gdpr-check-q4",

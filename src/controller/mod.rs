@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -24,7 +24,7 @@ use crate::authorization::Policy;
 use crate::metrics::Metrics;
 use crate::resources::{Agent, AgentRun, DelegationGrant};
 use crate::signing::KeyStore;
-pub use children::ChildConfig;
+pub use children::{ChildConfig, PodPhase};
 
 /// The field manager of every server-side apply Deputy makes.
 pub const MANAGER: &str = "deputy";
@@ -77,7 +77,7 @@ pub struct Stores {
     pub agents: Store<Agent>,
     pub grants: Store<DelegationGrant>,
     pub runs: Store<AgentRun>,
-    pub pods: Store<Pod>,
+    pub pods: Store<PodPhase>,
     pub secrets: Store<PartialObjectMeta<Secret>>,
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
 }
@@ -182,7 +182,7 @@ pub struct Watches {
     runs: futures::stream::BoxStream<'static, Result<AgentRun, watcher::Error>>,
     agents: futures::stream::BoxStream<'static, Result<Agent, watcher::Error>>,
     grants: futures::stream::BoxStream<'static, Result<DelegationGrant, watcher::Error>>,
-    pods: futures::stream::BoxStream<'static, Result<Pod, watcher::Error>>,
+    pods: futures::stream::BoxStream<'static, Result<PodPhase, watcher::Error>>,
     secrets: futures::stream::BoxStream<'static, Result<PartialObjectMeta<Secret>, watcher::Error>>,
     service_accounts: futures::stream::BoxStream<'static, Result<PartialObjectMeta<ServiceAccount>, watcher::Error>>,
 }
@@ -233,13 +233,9 @@ impl Watches {
         // Only a pod's phase and deletion matter here: keep the cache small.
         let pods = reflector::reflector(
             pods_writer,
-            watcher(Api::<Pod>::all(client.clone()), children.clone()).modify(|pod: &mut Pod| {
-                pod.spec = None;
+            watcher(Api::<PodPhase>::all(client.clone()), children.clone()).modify(|pod: &mut PodPhase| {
                 pod.metadata.managed_fields = None;
                 pod.metadata.annotations = None;
-                if let Some(st) = pod.status.as_mut() {
-                    *st = k8s_openapi::api::core::v1::PodStatus { phase: st.phase.take(), ..Default::default() };
-                }
             }),
         )
         .default_backoff()

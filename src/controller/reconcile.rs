@@ -13,7 +13,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::children::{self, RunInfo};
+use super::children::{self, PodPhase, RunInfo};
 use super::events::EventType;
 use super::{Context, Error, FINALIZER, MANAGER, requeue};
 use crate::audit::{Action as AuditAction, Record};
@@ -434,13 +434,13 @@ async fn keep_active(
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let child = children::child_name(&name);
-    let child_ref = |_: ()| ObjectRef::<Pod>::new(&child).within(&ns);
+    let child_ref = |_: ()| ObjectRef::<PodPhase>::new(&child).within(&ns);
 
     // The pod.
     let mut pod = ctx.stores.pods.get(&child_ref(()));
     if pod.is_none() {
         // The cache may lag our own create; ask before acting.
-        pod = Api::<Pod>::namespaced(ctx.client.clone(), &ns).get_opt(&child).await?.map(Arc::new);
+        pod = Api::<PodPhase>::namespaced(ctx.client.clone(), &ns).get_opt(&child).await?.map(Arc::new);
     }
     if let Some((phase, reason, message)) = pod.as_deref().and_then(children::pod_end) {
         return end(run, ctx, phase, reason, message).await;
@@ -464,10 +464,7 @@ async fn keep_active(
                     .await?;
             }
         }
-        Some(p)
-            if status.phase == Some(RunPhase::Authorized)
-                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") =>
-        {
+        Some(p) if status.phase == Some(RunPhase::Authorized) && p.phase() == Some("Running") => {
             status.phase = Some(RunPhase::Running);
             status.reason = Some("PodRunning".into());
             status.message = Some("the run's pod is running".into());

@@ -17,14 +17,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Serialize;
 use serde_json::json;
 
 use crate::audit::{Action as AuditAction, Record};
-use crate::controller::children;
+use crate::controller::children::{self, PodPhase};
 use crate::metrics::Metrics;
 use crate::resources::AgentRun;
 use crate::scope::{self, Scope};
@@ -50,7 +49,7 @@ pub struct EndpointState {
     pub keys: Arc<KeyStore>,
     pub runs: Store<AgentRun>,
     /// The runs' pods (phase only), so that a run whose pod has ended is inactive at once.
-    pub pods: Store<Pod>,
+    pub pods: Store<PodPhase>,
     pub reviewer: Reviewer,
     pub metrics: Arc<Metrics>,
     pub client: kube::Client,
@@ -155,11 +154,11 @@ pub fn run_of(runs: &Store<AgentRun>, claims: &Claims) -> Option<Arc<AgentRun>> 
 /// cache holds it) has not ended. Looking at the pod too means every replica refuses a finished
 /// run's tokens as soon as the pod's phase reaches it, without waiting for the controller to
 /// end the run (which, with thousands of pods ending at once, can take seconds).
-pub fn is_live(pods: &Store<Pod>, run: &AgentRun) -> bool {
+pub fn is_live(pods: &Store<PodPhase>, run: &AgentRun) -> bool {
     is_active(run) && !pod_has_ended(pods, run)
 }
 
-fn pod_has_ended(pods: &Store<Pod>, run: &AgentRun) -> bool {
+fn pod_has_ended(pods: &Store<PodPhase>, run: &AgentRun) -> bool {
     let name = children::child_name(&run.name_any());
     let pod = pods.get(&ObjectRef::new(&name).within(&run.namespace().unwrap_or_default()));
     pod.is_some_and(|p| children::owned_by(&p, run) && children::pod_end(&p).is_some())
@@ -546,10 +545,10 @@ mod tests {
         .unwrap()
     }
 
-    fn pods(phase: Option<&str>, owner_uid: &str) -> Store<Pod> {
-        let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
+    fn pods(phase: Option<&str>, owner_uid: &str) -> Store<PodPhase> {
+        let (store, mut writer) = kube::runtime::reflector::store::<PodPhase>();
         if let Some(phase) = phase {
-            let pod: Pod = serde_json::from_value(json!({
+            let pod: PodPhase = serde_json::from_value(json!({
                 "metadata": {"name": "deputy-run-r1", "namespace": "ns",
                              "ownerReferences": [{"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
                                                   "name": "r1", "uid": owner_uid, "controller": true}]},
