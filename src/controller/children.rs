@@ -119,15 +119,16 @@ impl PodPhase {
     }
 }
 
+/// How a run ends when its pod is deleted (or gone while the run was running).
+pub const POD_DELETED: (RunPhase, &str, &str) = (RunPhase::Failed, "PodDeleted", "the run's pod was deleted");
+
 /// How a run's pod ended, if it has: the run's final phase, a reason and a message. A pod
 /// being deleted counts as failed.
 pub fn pod_end(pod: &PodPhase) -> Option<(RunPhase, &'static str, &'static str)> {
     match pod.phase() {
         Some("Succeeded") => Some((RunPhase::Succeeded, "PodSucceeded", "the run's pod completed")),
         Some("Failed") => Some((RunPhase::Failed, "PodFailed", "the run's pod failed")),
-        _ if pod.metadata.deletion_timestamp.is_some() => {
-            Some((RunPhase::Failed, "PodDeleted", "the run's pod was deleted"))
-        }
+        _ if pod.metadata.deletion_timestamp.is_some() => Some(POD_DELETED),
         _ => None,
     }
 }

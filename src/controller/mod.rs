@@ -494,18 +494,9 @@ fn detach<T: Send + 'static>(mut stream: WatchStream<T>, shrink: fn(T) -> T) -> 
 /// reconcile itself reads the whole run from the cache, so the queue between the cache and a
 /// busy controller need not hold the pod template and status of every version it passes on.
 fn run_trigger(run: AgentRun) -> AgentRun {
-    let AgentRun { metadata, spec, .. } = run;
-    AgentRun {
-        metadata: kube::api::ObjectMeta {
-            name: metadata.name,
-            namespace: metadata.namespace,
-            uid: metadata.uid,
-            resource_version: metadata.resource_version,
-            ..Default::default()
-        },
-        spec: crate::resources::AgentRunSpec { template: None, ..spec },
-        status: None,
-    }
+    let AgentRun { mut metadata, spec, .. } = run;
+    keep_identity(&mut metadata);
+    AgentRun { metadata, spec: crate::resources::AgentRunSpec { template: None, ..spec }, status: None }
 }
 
 fn split<T: Clone + Send + 'static>(stream: WatchStream<T>) -> (WatchStream<T>, WatchStream<T>) {

@@ -447,7 +447,8 @@ async fn keep_active(
     }
     match pod.as_ref() {
         None if status.phase == Some(RunPhase::Running) => {
-            return end(run, ctx, RunPhase::Failed, "PodDeleted", "the run's pod was deleted").await;
+            let (phase, reason, message) = children::POD_DELETED;
+            return end(run, ctx, phase, reason, message).await;
         }
         None => {
             // Authorized but the pod is missing (e.g. the operator stopped before creating it).

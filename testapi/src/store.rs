@@ -201,16 +201,14 @@ impl State {
 
     /// Store (`Some`) or drop (`None`) an object, keeping the owner index in step.
     fn set_object(&mut self, key: &ObjKey, obj: Option<Value>) {
-        if let Some(obj) = &obj {
-            for uid in owner_uids(obj) {
-                self.dependents.entry(uid).or_default().insert(key.clone());
-            }
+        let current = obj.as_ref().map(owner_uids).unwrap_or_default();
+        for uid in &current {
+            self.dependents.entry(uid.clone()).or_default().insert(key.clone());
         }
         let previous = match obj {
             Some(obj) => self.objects.insert(key.clone(), obj),
             None => self.objects.remove(key),
         };
-        let current = self.objects.get(key).map(owner_uids).unwrap_or_default();
         for uid in previous.as_ref().map(owner_uids).unwrap_or_default() {
             if current.contains(&uid) {
                 continue;
