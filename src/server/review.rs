@@ -71,6 +71,15 @@ fn cache_for(token: &str) -> Duration {
     }
 }
 
+/// Whether a TokenReview answer is for one of the audiences asked for. The API server answers
+/// `status.audiences` with the intersection of the token's audiences and the review's; an
+/// authenticator that ignores `spec.audiences` (some webhook authenticators do) answers none,
+/// and the token must then be refused rather than trusted for an audience nobody checked.
+/// With no audiences asked for, the API server's own audience was checked and any answer goes.
+pub fn audiences_accepted(requested: &[String], answered: Option<&[String]>) -> bool {
+    requested.is_empty() || answered.unwrap_or_default().iter().any(|a| requested.contains(a))
+}
+
 impl Reviewer {
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Reviewer {
         Reviewer { client, cache: Mutex::new(HashMap::new()), metrics }
@@ -107,6 +116,13 @@ impl Reviewer {
             self.metrics.token_review("rejected");
             return Err(ReviewError::Rejected(status.error.unwrap_or_else(|| "not authenticated".into())));
         }
+        if !audiences_accepted(audiences, status.audiences.as_deref()) {
+            self.metrics.token_review("rejected");
+            return Err(ReviewError::Rejected(format!(
+                "the token is not for this audience (the API server answered audiences {:?}, wanted one of {audiences:?})",
+                status.audiences.unwrap_or_default()
+            )));
+        }
         let user = status.user.unwrap_or_default();
         let extra = user.extra.unwrap_or_default();
         let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
@@ -130,5 +146,29 @@ impl Reviewer {
             cache.insert(key, Entry { reviewed: reviewed.clone(), until: now + ttl });
         }
         Ok(reviewed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::audiences_accepted;
+
+    #[test]
+    fn the_answer_must_name_a_requested_audience() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let cases: &[(&[&str], Option<&[&str]>, bool)] = &[
+            (&[], None, true),
+            (&[], Some(&["https://kubernetes.default.svc"]), true),
+            (&["https://deputy"], Some(&["https://deputy"]), true),
+            (&["https://deputy"], Some(&["https://other", "https://deputy"]), true),
+            (&["https://deputy"], None, false),
+            (&["https://deputy"], Some(&[]), false),
+            (&["https://deputy"], Some(&["https://other"]), false),
+            (&["https://deputy"], Some(&["https://deputy/"]), false),
+        ];
+        for (requested, answered, want) in cases {
+            let answered = answered.map(|a| s(a));
+            assert_eq!(audiences_accepted(&s(requested), answered.as_deref()), *want, "{requested:?} {answered:?}");
+        }
     }
 }
