@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use serde_json::json;
-use support::{Env, OPERATOR_NS, free_port, wait_until};
+use support::{Env, free_port, wait_until};
 
 fn holder(lease: &Lease) -> Option<String> {
     lease.spec.as_ref().and_then(|s| s.holder_identity.clone())
@@ -22,7 +22,7 @@ async fn the_leader_hands_over_without_minting_twice() {
     let (pa, aa, pb, ab) = (free_port(), free_port(), free_port(), free_port());
     let a = env.spawn_operator(pa, aa, "deputy-a").await;
     let b = env.spawn_operator(pb, ab, "deputy-b").await;
-    let leases: Api<Lease> = Api::namespaced(env.client.clone(), OPERATOR_NS);
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.operator_ns);
     let elected = wait_until(Duration::from_secs(20), || async {
         leases.get_opt("deputy-controller").await.unwrap().as_ref().and_then(holder).is_some()
     })

@@ -1,6 +1,7 @@
 //! End-to-end: the token endpoint of a live `deputy run` (RFC 8693 exchange, RFC 7662
-//! introspection, RFC 7009 revocation, discovery) against the test API server, which answers
-//! TokenReview for the service-account tokens the tests issue, as a cluster does.
+//! introspection, RFC 7009 revocation, discovery), on both backends (the test API server and
+//! the real control plane), with pod-bound service-account tokens the tests request as the
+//! kubelet does.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -11,11 +12,10 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use deputy::tokens::{AudienceCheck, Claims, KeySet};
-use deputy_testapi::UserInfo;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use serde_json::{Value, json};
-use support::{Env, OPERATOR_NS, exchange_form, wait_until};
+use support::{Env, exchange_form, wait_until};
 
 const T: Duration = Duration::from_secs(20);
 use deputy::server::{GRANT_TYPE_EXCHANGE as EXCHANGE, TOKEN_TYPE_ACCESS as ACCESS, TOKEN_TYPE_JWT as JWT};
@@ -31,7 +31,8 @@ async fn active_run(env: &Env, run: &str) -> (String, String) {
 /// The operator's signing keys, read from its Secret (to forge tokens the endpoint must
 /// refuse: expired, not yet valid, foreign issuer).
 async fn operator_keys(env: &Env) -> KeySet {
-    let secret: Secret = Api::namespaced(env.client.clone(), OPERATOR_NS).get("deputy-signing-keys").await.unwrap();
+    let secret: Secret =
+        Api::namespaced(env.client.clone(), &env.operator_ns).get("deputy-signing-keys").await.unwrap();
     let data: BTreeMap<String, Vec<u8>> = secret.data.unwrap().into_iter().map(|(k, v)| (k, v.0)).collect();
     KeySet::from_secret_data(&data).unwrap()
 }
@@ -40,25 +41,9 @@ fn claims_of(token: &str) -> Claims {
     serde_json::from_value(deputy::tokens::verify::peek_claims(token).unwrap()).unwrap()
 }
 
-/// A resource server's Kubernetes token, accepted by TokenReview (for /introspect).
-fn resource_server_token(env: &Env) -> String {
-    let token = format!("rs-{}", uuid::Uuid::new_v4());
-    let user = UserInfo {
-        username: "system:serviceaccount:svc:gdpr-compliance-service".into(),
-        uid: "rs".into(),
-        groups: vec!["system:serviceaccounts".into()],
-        extra: BTreeMap::new(),
-    };
-    env.api.as_ref().unwrap().register_token(&token, user, vec![], None);
-    token
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchange_issues_a_narrower_token_that_keeps_both_principals() {
     let env = Env::start().await;
-    if !env.is_test_api() {
-        return;
-    }
     env.apply_example("gdpr-compliance.yaml").await;
     let (subject, actor) = active_run(&env, "gdpr-check-q4").await;
     let mut form = exchange_form(&subject, &actor);
@@ -93,10 +78,10 @@ async fn exchange_issues_a_narrower_token_that_keeps_both_principals() {
     assert_eq!(line["actor_chain"][0], old.client_id);
 
     // TokenReview answers are cached: the second and third exchanges reviewed nothing new.
-    let reviews = env.api.as_ref().unwrap().token_reviews();
+    let reviews = env.token_reviews().await;
     let (status, _) = env.post("/token", &exchange_form(&subject, &actor), None).await;
     assert_eq!(status, 200);
-    assert_eq!(env.api.as_ref().unwrap().token_reviews(), reviews, "cached review");
+    assert_eq!(env.token_reviews().await, reviews, "cached review");
 
     // Metrics on the admin port.
     let m = deputy::http_client::get(&format!("{}/metrics", env.admin_url()), Duration::from_secs(5)).await.unwrap();
@@ -108,9 +93,6 @@ async fn exchange_issues_a_narrower_token_that_keeps_both_principals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_documented_oauth_error() {
     let env = Env::start().await;
-    if !env.is_test_api() {
-        return;
-    }
     env.apply_example("gdpr-compliance.yaml").await;
     env.apply_example("supply-chain.yaml").await;
     let (subject, actor) = active_run(&env, "gdpr-check-q4").await;
@@ -231,13 +213,10 @@ async fn bad_input_gets_the_documented_oauth_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn introspection_sees_both_principals_and_goes_inactive_within_a_second_of_the_pod_ending() {
     let env = Env::start().await;
-    if !env.is_test_api() {
-        return;
-    }
     env.apply_example("supply-chain.yaml").await;
     env.wait_phase("supply-chain-planner-7", "Authorized", T).await;
     let (subject, actor) = active_run(&env, "optimise-routes-7").await;
-    let rs = resource_server_token(&env);
+    let rs = env.resource_server_token().await;
 
     let (status, body) = env.post("/introspect", &[("token", &subject)], None).await;
     assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")), "introspection needs a caller token");
@@ -290,12 +269,9 @@ async fn introspection_sees_both_principals_and_goes_inactive_within_a_second_of
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_can_revoke_itself() {
     let env = Env::start().await;
-    if !env.is_test_api() {
-        return;
-    }
     env.apply_example("gdpr-compliance.yaml").await;
     let (subject, actor) = active_run(&env, "gdpr-check-q4").await;
-    let rs = resource_server_token(&env);
+    let rs = env.resource_server_token().await;
     let (status, body) = env.post("/revoke", &[("token", &subject)], None).await;
     assert_eq!(status, 401, "revocation needs the actor token: {body}");
     let (status, _) = env.post("/revoke", &[("token", &subject)], Some(&actor)).await;
@@ -345,9 +321,6 @@ async fn the_python_example_verifies_an_exchanged_token() {
     let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/python");
     assert!(python.exists(), "run scripts/install-tools first (scripts/test does)");
     let env = Env::start().await;
-    if !env.is_test_api() {
-        return;
-    }
     env.apply_example("gdpr-compliance.yaml").await;
     let (subject, actor) = active_run(&env, "gdpr-check-q4").await;
     let (status, body) = env.post("/token", &exchange_form(&subject, &actor), None).await;
@@ -377,9 +350,6 @@ async fn the_python_example_verifies_an_exchanged_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_exchanges_and_verifies() {
     let env = Env::start().await;
-    if !env.is_test_api() {
-        return;
-    }
     env.apply_example("gdpr-compliance.yaml").await;
     let (subject, actor) = active_run(&env, "gdpr-check-q4").await;
     let (token_file, actor_file) = (env.dir.join("token"), env.dir.join("actor-token"));

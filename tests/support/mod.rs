@@ -1,10 +1,19 @@
-//! End-to-end test support: a Kubernetes API (the project's test API server, or a real
-//! cluster when `DEPUTY_E2E_KUBECONFIG` is set), the CRDs, and the real `deputy run` process.
+//! End-to-end test support: a Kubernetes API, the CRDs, and the real `deputy run` process.
 //!
-//! Against the test API server the tests play the kubelet's part by patching pod status; on a
-//! real cluster they wait for the kubelet instead.
+//! Two backends, chosen by `DEPUTY_E2E_BACKEND` (see [`backend`]): the project's test API
+//! server (`testapi`, the default, one per test), or a real control plane (`kube`: etcd,
+//! kube-apiserver and kube-controller-manager built from the Kubernetes Go modules, one per
+//! test binary, a fresh namespace per test, tests run one at a time). On both the tests play
+//! the kubelet: they patch pod status and request pod-bound service-account tokens.
+//!
+//! On the real backend the operator runs as it does in a cluster: with a token of its own
+//! ServiceAccount, bound to exactly the RBAC the Helm chart renders, and any request of its
+//! that the API server refuses with 403 fails the test.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kube_backend;
+
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -20,7 +29,32 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Resource};
 use serde_json::{Value, json};
 
+/// The operator's namespace on the test API server (on the real backend each test has its own:
+/// [`Env::operator_ns`]).
 pub const OPERATOR_NS: &str = "deputy-system";
+
+/// Which API server the end-to-end tests talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The project's test API server (`testapi/`).
+    TestApi,
+    /// A real control plane built from the Kubernetes Go modules.
+    Kube,
+}
+
+/// `DEPUTY_E2E_BACKEND=testapi` (default) or `kube`; anything else is a test failure, not a
+/// silent fallback.
+pub fn backend() -> Backend {
+    match std::env::var("DEPUTY_E2E_BACKEND").as_deref() {
+        Err(_) | Ok("") | Ok("testapi") => Backend::TestApi,
+        Ok("kube") => Backend::Kube,
+        Ok(other) => panic!("DEPUTY_E2E_BACKEND={other}: expected testapi or kube"),
+    }
+}
+
+/// Requests by resource (`secrets`, `agentruns/status`) and lower-case RBAC verb (`get`,
+/// `list`, `watch`, `create`, `update`, `patch`, `delete`, `deletecollection`).
+pub type Requests = BTreeMap<String, BTreeMap<String, u64>>;
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
@@ -42,18 +76,44 @@ impl Drop for Operator {
 }
 
 pub struct Env {
+    /// The test API server (testapi backend only).
     pub api: Option<TestApiServer>,
+    /// The real control plane (kube backend only).
+    pub cluster: Option<&'static deputy_controlplane::ControlPlane>,
+    /// A client for the test itself: the test API server's, or the real cluster's admin.
     pub client: Client,
+    /// The kubeconfig the operator runs with: on the real backend its ServiceAccount's token.
     pub kubeconfig: PathBuf,
     pub dir: PathBuf,
     pub ns: String,
+    /// The operator's own namespace (signing keys, Lease).
+    pub operator_ns: String,
     pub port: u16,
     pub admin_port: u16,
     pub operator: Option<Operator>,
     pub extra_args: Vec<String>,
+    /// Held for the whole test on the real backend: its tests share one cluster, and each
+    /// operator reconciles every namespace, so they run one at a time. Dropped last.
+    _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
-async fn client_for(path: &PathBuf) -> Client {
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Stop the operator before the check, so nothing is written after it.
+        self.operator = None;
+        if let Some(cp) = self.cluster
+            && !std::thread::panicking()
+        {
+            let forbidden = kube_backend::forbidden_requests(cp, &self.operator_user());
+            kube_backend::remove_namespaces_blocking(cp, vec![self.ns.clone(), self.operator_ns.clone()]);
+            assert!(forbidden.is_empty(), "the API server refused the operator (403): {forbidden:#?}");
+        } else if let Some(cp) = self.cluster {
+            kube_backend::remove_namespaces_blocking(cp, vec![self.ns.clone(), self.operator_ns.clone()]);
+        }
+    }
+}
+
+pub async fn client_for(path: &std::path::Path) -> Client {
     let kc = Kubeconfig::read_from(path).unwrap();
     let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
     Client::try_from(cfg).unwrap()
@@ -71,43 +131,87 @@ impl Env {
     pub async fn api_only() -> Env {
         let dir = std::env::temp_dir().join(format!("deputy-e2e-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (api, kubeconfig) = match std::env::var_os("DEPUTY_E2E_KUBECONFIG") {
-            Some(path) => (None, PathBuf::from(path)),
-            None => {
+        let suffix = uuid::Uuid::new_v4().to_string()[..8].to_string();
+        let ns = format!("e2e-{suffix}");
+        let mut env = match backend() {
+            Backend::TestApi => {
                 let api = TestApiServer::start().await.unwrap();
-                let path = dir.join("kubeconfig");
-                api.write_kubeconfig(&path).unwrap();
-                (Some(api), path)
+                let kubeconfig = dir.join("kubeconfig");
+                api.write_kubeconfig(&kubeconfig).unwrap();
+                let client = client_for(&kubeconfig).await;
+                let namespaces: Api<Namespace> = Api::all(client.clone());
+                let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": OPERATOR_NS}})).unwrap();
+                namespaces.create(&PostParams::default(), &obj).await.unwrap();
+                Env {
+                    api: Some(api),
+                    cluster: None,
+                    client,
+                    kubeconfig,
+                    dir,
+                    ns: ns.clone(),
+                    operator_ns: OPERATOR_NS.to_string(),
+                    port: free_port(),
+                    admin_port: free_port(),
+                    operator: None,
+                    extra_args: vec![],
+                    _serial: None,
+                }
+            }
+            Backend::Kube => {
+                let serial = kube_backend::serial();
+                let cp = kube_backend::control_plane();
+                let client = client_for(&cp.admin_kubeconfig()).await;
+                let operator_ns = format!("deputy-{suffix}");
+                kube_backend::remove_earlier_tests(&client).await;
+                let kubeconfig = kube_backend::install_operator_identity(cp, &client, &operator_ns, &dir).await;
+                Env {
+                    api: None,
+                    cluster: Some(cp),
+                    client,
+                    kubeconfig,
+                    dir,
+                    ns: ns.clone(),
+                    operator_ns,
+                    port: free_port(),
+                    admin_port: free_port(),
+                    operator: None,
+                    extra_args: vec![],
+                    _serial: Some(serial),
+                }
             }
         };
-        let client = client_for(&kubeconfig).await;
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
         for crd in deputy::resources::crds() {
             let name = crd.metadata.name.clone().unwrap();
             crds.patch(&name, &PatchParams::apply("deputy-e2e").force(), &Patch::Apply(&crd)).await.unwrap();
         }
-        let ns = format!("e2e-{}", &uuid::Uuid::new_v4().to_string()[..8]);
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        for n in [ns.as_str(), OPERATOR_NS] {
-            let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": n}})).unwrap();
-            let _ = namespaces.create(&PostParams::default(), &obj).await;
-        }
-        // Give a real API server a moment to serve the new CRDs.
-        wait_until(Duration::from_secs(30), || async {
-            Api::<AgentRun>::namespaced(client.clone(), &ns).list(&Default::default()).await.is_ok()
+        let namespaces: Api<Namespace> = Api::all(env.client.clone());
+        let obj: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": ns, "labels": {kube_backend::E2E_LABEL: "true"}}}))
+                .unwrap();
+        namespaces.create(&PostParams::default(), &obj).await.unwrap();
+        // A real API server serves a new CRD once it is Established.
+        let ok = wait_until(Duration::from_secs(30), || async {
+            Api::<AgentRun>::namespaced(env.client.clone(), &env.ns).list(&Default::default()).await.is_ok()
+                && Api::<Agent>::namespaced(env.client.clone(), &env.ns).list(&Default::default()).await.is_ok()
+                && Api::<DelegationGrant>::namespaced(env.client.clone(), &env.ns)
+                    .list(&Default::default())
+                    .await
+                    .is_ok()
         })
         .await;
-        Env {
-            api,
-            client,
-            kubeconfig,
-            dir,
-            ns,
-            port: free_port(),
-            admin_port: free_port(),
-            operator: None,
-            extra_args: vec![],
-        }
+        assert!(ok, "the CRDs were not served within 30 s");
+        env.extra_args.clear();
+        env
+    }
+
+    pub fn backend(&self) -> Backend {
+        if self.cluster.is_some() { Backend::Kube } else { Backend::TestApi }
+    }
+
+    /// The operator's Kubernetes identity on the real backend.
+    pub fn operator_user(&self) -> String {
+        format!("system:serviceaccount:{}:deputy", self.operator_ns)
     }
 
     pub fn is_test_api(&self) -> bool {
@@ -138,12 +242,11 @@ impl Env {
             .args(["--issuer", &self.token_url()])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .args(["--namespace", OPERATOR_NS])
+            .args(["--namespace", &self.operator_ns])
             .args(["--instance", instance])
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,deputy=debug")
-            .env_remove("DEPUTY_E2E_KUBECONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -214,11 +317,6 @@ impl Env {
                 continue;
             }
             v["metadata"]["namespace"] = json!(self.ns);
-            if !self.is_test_api() {
-                // On a real cluster the kubelet ends the pods: make them end soon.
-                let text = v.to_string().replace("sleep 300", "sleep 20").replace("sleep 120", "sleep 20");
-                v = serde_json::from_str(&text).unwrap();
-            }
             self.apply_value(v).await;
         }
     }
@@ -269,26 +367,27 @@ impl Env {
             .await
     }
 
-    /// Plays the kubelet: sets the pod's phase (test API server), or waits for the kubelet
-    /// to get there (real cluster).
+    /// Plays the kubelet: sets the pod's phase (a status patch, as the kubelet makes; on the real
+    /// backend no kubelet runs, and the pods stay unscheduled).
     pub async fn set_pod_phase(&self, pod: &str, phase: &str) {
         let pods: Api<Pod> = self.api();
-        if self.is_test_api() {
-            let patch = json!({"status": {"phase": phase}});
-            pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-        } else {
-            let ok = wait_until(Duration::from_secs(180), || async {
-                pods.get_opt(pod).await.ok().flatten().and_then(|p| p.status).and_then(|s| s.phase).as_deref()
-                    == Some(phase)
-            })
-            .await;
-            assert!(ok, "pod {pod} never reached {phase}");
-        }
+        // The run's status may be written before its pod is created.
+        let created =
+            wait_until(Duration::from_secs(20), || async { pods.get_opt(pod).await.unwrap().is_some() }).await;
+        assert!(created, "pod {pod} was never created\noperator log:\n{}", self.operator_log());
+        let patch = json!({"status": {"phase": phase}});
+        pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     }
 
     /// An actor token for a run's pod, as the kubelet would project it (a bound
     /// service-account token with Deputy's issuer as audience).
     pub async fn actor_token(&self, run: &str) -> String {
+        self.pod_token(run, &self.token_url()).await
+    }
+
+    /// A service-account token of a run's pod for `audience`, bound to the pod: what the
+    /// kubelet projects (TokenRequest on the real backend).
+    pub async fn pod_token(&self, run: &str, audience: &str) -> String {
         let sa = format!("deputy-run-{run}");
         let pod: Pod = self.api().get(&sa).await.unwrap();
         let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -296,7 +395,7 @@ impl Env {
             Some(api) => api.issue_token(TokenSpec {
                 namespace: self.ns.clone(),
                 service_account: sa.clone(),
-                audiences: vec![self.token_url()],
+                audiences: vec![audience.to_string()],
                 expires_in: Duration::from_secs(600),
                 pod: Some((sa.clone(), uid)),
             }),
@@ -304,13 +403,60 @@ impl Env {
                 // A real cluster: a TokenRequest bound to the pod.
                 let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = self.api();
                 let req: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(json!({
-                    "spec": {"audiences": [self.token_url()], "expirationSeconds": 600,
+                    "spec": {"audiences": [audience], "expirationSeconds": 600,
                              "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": sa, "uid": uid}}
                 }))
                 .unwrap();
                 let resp = sas.create_token_request(&sa, &PostParams::default(), &req).await.unwrap();
                 resp.status.unwrap().token
             }
+        }
+    }
+
+    /// A token a resource server (`gdpr-compliance-service`) presents to `/introspect`: any
+    /// Kubernetes identity the API server authenticates (a ServiceAccount's token for the API
+    /// server's own audience on the real backend).
+    pub async fn resource_server_token(&self) -> String {
+        match &self.api {
+            Some(api) => {
+                let token = format!("rs-{}", uuid::Uuid::new_v4());
+                let user = deputy_testapi::UserInfo {
+                    username: format!("system:serviceaccount:{}:gdpr-compliance-service", self.ns),
+                    uid: "rs".into(),
+                    groups: vec!["system:serviceaccounts".into()],
+                    extra: BTreeMap::new(),
+                };
+                api.register_token(&token, user, vec![], None);
+                token
+            }
+            None => kube_backend::service_account_token(&self.client, &self.ns, "gdpr-compliance-service").await,
+        }
+    }
+
+    /// How many TokenReviews the API server has answered so far.
+    pub async fn token_reviews(&self) -> u64 {
+        match (&self.api, self.cluster) {
+            (Some(api), _) => api.token_reviews(),
+            (None, Some(_)) => kube_backend::token_reviews(&self.client).await,
+            (None, None) => unreachable!("an Env has a backend"),
+        }
+    }
+
+    /// Every request the operator made so far, by resource and verb: the test API server's
+    /// counts by `User-Agent`, or the real API server's audit log for the operator's identity.
+    pub async fn operator_requests(&self) -> Requests {
+        match (&self.api, self.cluster) {
+            (Some(api), _) => {
+                let mut out = Requests::new();
+                for (res, verbs) in api.stats_for_user_agent("deputy/").0 {
+                    for (verb, n) in verbs {
+                        *out.entry(res.clone()).or_default().entry(verb.to_lowercase()).or_default() += n;
+                    }
+                }
+                out
+            }
+            (None, Some(cp)) => kube_backend::audited_requests(cp, &self.operator_user(), "deputy/"),
+            (None, None) => unreachable!("an Env has a backend"),
         }
     }
 
