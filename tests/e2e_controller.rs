@@ -1,5 +1,5 @@
-//! End-to-end: the real `deputy run` process against the test API server (or a real cluster
-//! with `DEPUTY_E2E_KUBECONFIG`). The tests play the kubelet by patching pod status.
+//! End-to-end: the real `deputy run` process against the test API server and the real control
+//! plane (`DEPUTY_E2E_BACKEND`). The tests play the kubelet by patching pod status.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -221,16 +221,37 @@ async fn a_killed_operator_leaks_nothing_and_reactivates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_conflicts_are_retried_not_lost() {
     let env = Env::start().await;
-    let Some(api) = &env.api else { return }; // needs the test API server's fault injection
-    // The operator's own writes fail: its status patches and its first Secret writes.
-    api.fail_next_writes("agentruns/status", 3, 409);
-    api.fail_next_writes("secrets", 2, 409);
-    env.apply_example("gdpr-compliance.yaml").await;
-    env.wait_phase("gdpr-check-q4", "Authorized", Duration::from_secs(30)).await;
-    assert!(env.run_token("gdpr-check-q4").await.is_some());
-    let stats = api.stats();
-    assert!(stats.count("secrets", "PATCH") >= 3, "the Secret write was retried: {stats:?}");
-    assert!(env.operator_log().contains("conflict"), "the conflicts were seen and retried");
+    match &env.api {
+        Some(api) => {
+            // The operator's own writes fail: its status patches and its first Secret writes.
+            api.fail_next_writes("agentruns/status", 3, 409);
+            api.fail_next_writes("secrets", 2, 409);
+            env.apply_example("gdpr-compliance.yaml").await;
+            env.wait_phase("gdpr-check-q4", "Authorized", Duration::from_secs(30)).await;
+            assert!(env.run_token("gdpr-check-q4").await.is_some());
+            let stats = api.stats();
+            assert!(stats.count("secrets", "PATCH") >= 3, "the Secret write was retried: {stats:?}");
+            assert!(env.operator_log().contains("conflict"), "the conflicts were seen and retried");
+        }
+        None => {
+            // A real API server never answers a forced server-side apply with 409, so the
+            // operator's writes are refused by an admission policy instead (422), until the
+            // policy is removed: the same retry path (a stale or refused write is retried in
+            // 200 ms, without growing the backoff).
+            let fault = support::kube_backend::refuse_operator_writes(&env).await;
+            env.apply_example("gdpr-compliance.yaml").await;
+            let refused = wait_until(T, || async {
+                env.operator_requests().await.get("secrets").and_then(|v| v.get("patch")).copied().unwrap_or(0) >= 3
+            })
+            .await;
+            assert!(refused, "the operator retried its refused Secret write: {:?}", env.operator_requests().await);
+            assert!(env.run_token("gdpr-check-q4").await.is_none(), "no Secret while writes are refused");
+            fault.remove().await;
+            env.wait_phase("gdpr-check-q4", "Authorized", Duration::from_secs(30)).await;
+            assert!(env.run_token("gdpr-check-q4").await.is_some());
+            assert!(env.operator_log().contains("injected fault"), "the refusals were seen and retried");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,17 +1,32 @@
-//! The RBAC the chart grants is derived from what the code does: run the whole flow against
-//! the test API server, take the requests the operator made (by its `User-Agent`), and
-//! compare them with `charts/deputy/rbac-expected.yaml` (which the chart test compares with
-//! the rendered roles). Every request must be granted, and every grant must be used, or be
-//! listed below with the reason the flow cannot show it.
+//! The RBAC the chart grants is derived from what the code does: run the whole flow, take the
+//! requests the operator made (the test API server's counts by `User-Agent`, or the real API
+//! server's audit log for the operator's ServiceAccount), and compare them with
+//! `charts/deputy/rbac-expected.yaml` (which the chart test compares with the rendered roles).
+//! Every request must be granted, and every grant must be used, or be listed below with the
+//! reason the flow cannot show it. On the real backend the operator runs with exactly the
+//! chart's RBAC, and the real authoriser (SubjectAccessReview) must allow every request.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kube::api::DeleteParams;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use kube::api::{Api, DeleteParams};
+use serde_json::json;
 use support::Env;
+
+/// The API group of a resource the operator uses.
+fn group_of(resource: &str) -> &'static str {
+    match resource {
+        "agents" | "agentruns" | "delegationgrants" => "deputy.dev",
+        "leases" => "coordination.k8s.io",
+        "events" => "events.k8s.io",
+        "tokenreviews" => "authentication.k8s.io",
+        _ => "",
+    }
+}
 
 const T: Duration = Duration::from_secs(20);
 
@@ -46,7 +61,6 @@ fn granted() -> BTreeSet<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_is_granted_and_every_grant_is_used() {
     let env = Env::start().await;
-    let Some(api) = &env.api else { return };
     env.apply_example("gdpr-compliance.yaml").await;
     env.apply_example("supply-chain.yaml").await;
     env.apply_example("deny.yaml").await;
@@ -76,21 +90,10 @@ async fn every_request_is_granted_and_every_grant_is_used() {
     // Let the grant/agent status loop (1 s ticks) catch up.
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
-    let stats = api.stats_for_user_agent("deputy/");
-    assert!(!stats.0.is_empty(), "the operator names itself with User-Agent deputy/<version>");
-    let verb = |v: &str| match v {
-        "GET" => "get",
-        "LIST" => "list",
-        "WATCH" => "watch",
-        "CREATE" => "create",
-        "UPDATE" => "update",
-        "PATCH" => "patch",
-        "DELETE" => "delete",
-        "DELETECOLLECTION" => "deletecollection",
-        other => panic!("unknown verb {other}"),
-    };
+    let requests = env.operator_requests().await;
+    assert!(!requests.is_empty(), "the operator names itself with User-Agent deputy/<version>");
     let used: BTreeSet<(String, String)> =
-        stats.0.iter().flat_map(|(res, verbs)| verbs.keys().map(move |v| (res.clone(), verb(v).to_string()))).collect();
+        requests.iter().flat_map(|(res, verbs)| verbs.keys().map(move |v| (res.clone(), v.clone()))).collect();
     let granted = granted();
     let ungranted: Vec<_> = used.difference(&granted).collect();
     assert!(ungranted.is_empty(), "requests the chart does not grant: {ungranted:?}\nall used: {used:?}");
@@ -98,6 +101,35 @@ async fn every_request_is_granted_and_every_grant_is_used() {
         UNUSED_BUT_NEEDED.iter().map(|(r, v, _)| (r.to_string(), v.to_string())).collect();
     let unused: Vec<_> = granted.difference(&used).filter(|g| !allowed.contains(*g)).collect();
     assert!(unused.is_empty(), "grants the code never used (remove them or list why): {unused:?}");
-    let summary: BTreeMap<_, _> = stats.0.iter().map(|(r, v)| (r.clone(), v.clone())).collect();
-    eprintln!("operator requests by resource and verb: {summary:?}");
+    eprintln!("operator requests by resource and verb ({:?}): {requests:?}", env.backend());
+
+    // The real authoriser agrees: each request is allowed to the operator's ServiceAccount
+    // (cluster-wide for the namespaced kinds it watches everywhere; in its own namespace for
+    // its Lease and signing keys). The test API server has no authoriser.
+    if env.cluster.is_some() {
+        let sar: Api<SubjectAccessReview> = Api::all(env.client.clone());
+        for (resource, verb) in &used {
+            let (resource, sub) = resource.split_once('/').map_or((resource.as_str(), None), |(r, s)| (r, Some(s)));
+            // Leases only in its own namespace, and by name except to create one; TokenReviews
+            // are cluster-scoped; everything else in the test's namespace.
+            let (namespace, name) = match (resource, verb.as_str()) {
+                ("leases", "create") => (env.operator_ns.as_str(), ""),
+                ("leases", _) => (env.operator_ns.as_str(), "deputy-controller"),
+                ("tokenreviews", _) => ("", ""),
+                _ => (env.ns.as_str(), ""),
+            };
+            let review: SubjectAccessReview = serde_json::from_value(json!({"spec": {
+                "user": env.operator_user(),
+                "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", env.operator_ns), "system:authenticated"],
+                "resourceAttributes": {
+                    "group": group_of(resource), "resource": resource, "subresource": sub.unwrap_or(""),
+                    "verb": verb, "namespace": namespace, "name": name,
+                },
+            }}))
+            .unwrap();
+            let answer = sar.create(&Default::default(), &review).await.unwrap();
+            let allowed = answer.status.is_some_and(|s| s.allowed);
+            assert!(allowed, "SubjectAccessReview refuses {verb} {resource}{sub:?} to {}", env.operator_user());
+        }
+    }
 }

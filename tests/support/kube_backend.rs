@@ -246,3 +246,64 @@ pub fn forbidden_requests(cp: &ControlPlane, user: &str) -> Vec<String> {
         .map(|ev| format!("{} {} ({})", ev["verb"], ev["requestURI"], ev["responseStatus"]["message"]))
         .collect()
 }
+
+/// An admission policy that refuses the operator's Secret and AgentRun status writes in a test
+/// namespace (422, "injected fault"), until [`Fault::remove`].
+pub struct Fault {
+    client: Client,
+    name: String,
+}
+
+pub async fn refuse_operator_writes(env: &super::Env) -> Fault {
+    let name = format!("deputy-e2e-fault-{}", env.ns);
+    let policy = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [
+                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["secrets"]},
+                {"apiGroups": ["deputy.dev"], "apiVersions": ["*"], "operations": ["UPDATE"], "resources": ["agentruns/status"]},
+            ]},
+            "matchConditions": [{"name": "operator-or-probe", "expression": format!(
+                "request.userInfo.username == '{}' || (request.userInfo.username == 'admin' && request.name == 'fault-probe')",
+                env.operator_user())}],
+            "validations": [{"expression": "false", "message": "injected fault (deputy e2e)", "reason": "Invalid"}],
+        },
+    });
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"],
+                 "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.ns}}}},
+    });
+    apply(&env.client, &policy).await;
+    apply(&env.client, &binding).await;
+    // Policies are picked up through informers: probe until it refuses.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    let probe: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({"metadata": {"name": "fault-probe"}})).unwrap();
+    let active = super::wait_until(Duration::from_secs(30), || async {
+        match secrets.create(&PostParams::default(), &probe).await {
+            Err(kube::Error::Api(s)) => s.code == 422 && s.message.contains("injected fault"),
+            Ok(_) => {
+                let _ = secrets.delete("fault-probe", &DeleteParams::default()).await;
+                false
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(active, "the fault-injection policy was not enforced within 30 s");
+    Fault { client: env.client.clone(), name }
+}
+
+impl Fault {
+    /// Removes the policy and waits until writes go through again.
+    pub async fn remove(self) {
+        use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+        let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(self.client.clone());
+        let policies: Api<ValidatingAdmissionPolicy> = Api::all(self.client.clone());
+        bindings.delete(&self.name, &DeleteParams::default()).await.unwrap();
+        policies.delete(&self.name, &DeleteParams::default()).await.unwrap();
+    }
+}
