@@ -156,7 +156,8 @@ mod tests {
     #[test]
     fn the_answer_must_name_a_requested_audience() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        let cases: &[(&[&str], Option<&[&str]>, bool)] = &[
+        type Row<'a> = (&'a [&'a str], Option<&'a [&'a str]>, bool);
+        let cases: &[Row] = &[
             (&[], None, true),
             (&[], Some(&["https://kubernetes.default.svc"]), true),
             (&["https://deputy"], Some(&["https://deputy"]), true),
@@ -167,7 +168,7 @@ mod tests {
             (&["https://deputy"], Some(&["https://deputy/"]), false),
         ];
         for (requested, answered, want) in cases {
-            let answered = answered.map(|a| s(a));
+            let answered = answered.map(&s);
             assert_eq!(audiences_accepted(&s(requested), answered.as_deref()), *want, "{requested:?} {answered:?}");
         }
     }

@@ -281,7 +281,8 @@ pub async fn refuse_operator_writes(env: &super::Env) -> Fault {
     apply(&env.client, &binding).await;
     // Policies are picked up through informers: probe until it refuses.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), &env.ns);
-    let probe: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({"metadata": {"name": "fault-probe"}})).unwrap();
+    let probe: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(json!({"metadata": {"name": "fault-probe"}})).unwrap();
     let active = super::wait_until(Duration::from_secs(30), || async {
         match secrets.create(&PostParams::default(), &probe).await {
             Err(kube::Error::Api(s)) => s.code == 422 && s.message.contains("injected fault"),
@@ -300,7 +301,9 @@ pub async fn refuse_operator_writes(env: &super::Env) -> Fault {
 impl Fault {
     /// Removes the policy and waits until writes go through again.
     pub async fn remove(self) {
-        use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
         let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(self.client.clone());
         let policies: Api<ValidatingAdmissionPolicy> = Api::all(self.client.clone());
         bindings.delete(&self.name, &DeleteParams::default()).await.unwrap();
