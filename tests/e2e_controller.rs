@@ -268,7 +268,12 @@ async fn tokens_rotate_at_half_life_and_runs_expire_at_their_deadline() {
     run["spec"]["tokenTTL"] = json!("4s");
     run["spec"]["maxDuration"] = json!("9s");
     if !env.is_test_api() {
-        return; // a real API server enforces tokenTTL >= 30s
+        // A real API server enforces tokenTTL >= 30s and maxDuration >= 1m; this test needs the
+        // clock seam of issue 11 to run there without a minute of sleeping.
+        eprintln!(
+            "e2e_controller: WARNING: tokens_rotate_at_half_life_and_runs_expire_at_their_deadline does NOT run on the real control plane (4s/9s durations the CRDs refuse)"
+        );
+        return;
     }
     env.apply_value(run).await;
     let first = env.wait_phase("short", "Authorized", T).await.status.unwrap();

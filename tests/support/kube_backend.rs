@@ -238,8 +238,7 @@ pub fn audited_requests(cp: &ControlPlane, user: &str, agent_prefix: &str) -> Re
 
 /// The requests of `user` that the API server refused with 403.
 pub fn forbidden_requests(cp: &ControlPlane, user: &str) -> Vec<String> {
-    // The audit log is written before the response (blocking mode); allow a moment anyway.
-    std::thread::sleep(Duration::from_millis(100));
+    // The audit log is written before each response (--audit-log-mode=blocking).
     audit_events(cp, user)
         .into_iter()
         .filter(|ev| ev["responseStatus"]["code"] == 403)

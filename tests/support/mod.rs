@@ -103,14 +103,11 @@ impl Drop for Env {
     fn drop(&mut self) {
         // Stop the operator before the check, so nothing is written after it.
         self.operator = None;
-        if let Some(cp) = self.cluster
-            && !std::thread::panicking()
-        {
-            let forbidden = kube_backend::forbidden_requests(cp, &self.operator_user());
-            kube_backend::remove_namespaces_blocking(cp, vec![self.ns.clone(), self.operator_ns.clone()]);
+        let Some(cp) = self.cluster else { return };
+        let forbidden = kube_backend::forbidden_requests(cp, &self.operator_user());
+        kube_backend::remove_namespaces_blocking(cp, vec![self.ns.clone(), self.operator_ns.clone()]);
+        if !std::thread::panicking() {
             assert!(forbidden.is_empty(), "the API server refused the operator (403): {forbidden:#?}");
-        } else if let Some(cp) = self.cluster {
-            kube_backend::remove_namespaces_blocking(cp, vec![self.ns.clone(), self.operator_ns.clone()]);
         }
     }
 }
@@ -135,7 +132,7 @@ impl Env {
         std::fs::create_dir_all(&dir).unwrap();
         let suffix = uuid::Uuid::new_v4().to_string()[..8].to_string();
         let ns = format!("e2e-{suffix}");
-        let mut env = match backend() {
+        let (api, cluster, client, kubeconfig, operator_ns, serial) = match backend() {
             Backend::TestApi => {
                 let api = TestApiServer::start().await.unwrap();
                 let kubeconfig = dir.join("kubeconfig");
@@ -144,20 +141,7 @@ impl Env {
                 let namespaces: Api<Namespace> = Api::all(client.clone());
                 let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": OPERATOR_NS}})).unwrap();
                 namespaces.create(&PostParams::default(), &obj).await.unwrap();
-                Env {
-                    api: Some(api),
-                    cluster: None,
-                    client,
-                    kubeconfig,
-                    dir,
-                    ns: ns.clone(),
-                    operator_ns: OPERATOR_NS.to_string(),
-                    port: free_port(),
-                    admin_port: free_port(),
-                    operator: None,
-                    extra_args: vec![],
-                    _serial: None,
-                }
+                (Some(api), None, client, kubeconfig, OPERATOR_NS.to_string(), None)
             }
             Backend::Kube => {
                 let serial = kube_backend::serial();
@@ -166,21 +150,22 @@ impl Env {
                 let operator_ns = format!("deputy-{suffix}");
                 kube_backend::remove_earlier_tests(&client).await;
                 let kubeconfig = kube_backend::install_operator_identity(cp, &client, &operator_ns, &dir).await;
-                Env {
-                    api: None,
-                    cluster: Some(cp),
-                    client,
-                    kubeconfig,
-                    dir,
-                    ns: ns.clone(),
-                    operator_ns,
-                    port: free_port(),
-                    admin_port: free_port(),
-                    operator: None,
-                    extra_args: vec![],
-                    _serial: Some(serial),
-                }
+                (None, Some(cp), client, kubeconfig, operator_ns, Some(serial))
             }
+        };
+        let env = Env {
+            api,
+            cluster,
+            client,
+            kubeconfig,
+            dir,
+            ns: ns.clone(),
+            operator_ns,
+            port: free_port(),
+            admin_port: free_port(),
+            operator: None,
+            extra_args: vec![],
+            _serial: serial,
         };
         let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
         for crd in deputy::resources::crds() {
@@ -203,7 +188,6 @@ impl Env {
         })
         .await;
         assert!(ok, "the CRDs were not served within 30 s");
-        env.extra_args.clear();
         env
     }
 
