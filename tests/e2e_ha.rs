@@ -62,17 +62,24 @@ async fn the_leader_hands_over_without_minting_twice() {
     let after = env.runs().get("gdpr-check-q4").await.unwrap();
     assert_eq!(after.status.as_ref().unwrap().token_id, before.status.as_ref().unwrap().token_id);
     assert_eq!(after.status.unwrap().rotations, 0);
-    let mut minted: Vec<String> = leader_op
-        .audit
-        .lock()
-        .unwrap()
-        .iter()
-        .chain(follower_op.audit.lock().unwrap().iter())
-        .filter(|l| l["action"] == "minted")
-        .map(|l| l["run"].as_str().unwrap().to_string())
-        .collect();
-    minted.sort();
-    assert_eq!(minted, ["after-failover", "gdpr-check-q4"], "one mint per run");
+    // The audit lines are read from each process's stdout by a thread of its own: give it a
+    // moment, then require exactly one line per run (and keep watching for a second mint).
+    let minted = || {
+        let mut m: Vec<String> = leader_op
+            .audit
+            .lock()
+            .unwrap()
+            .iter()
+            .chain(follower_op.audit.lock().unwrap().iter())
+            .filter(|l| l["action"] == "minted")
+            .map(|l| l["run"].as_str().unwrap().to_string())
+            .collect();
+        m.sort();
+        m
+    };
+    wait_until(Duration::from_secs(10), || async { minted().len() >= 2 }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(minted(), ["after-failover", "gdpr-check-q4"], "one mint per run");
     // The survivor serves tokens for the new run.
     let ready =
         deputy::http_client::get(&format!("http://127.0.0.1:{follower_port}/jwks.json"), Duration::from_secs(5))

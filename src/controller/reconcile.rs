@@ -365,6 +365,17 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
     sa_api.patch(&children::child_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&sa)).await?;
     let (iat, exp, jti) = mint(run, ctx, &status, now).await?;
+    let (actors, scopes, audiences) =
+        (chain_of(&status), status.granted_scopes.clone(), status.granted_audiences.clone());
+    let base = Record {
+        scopes: &scopes,
+        audiences: &audiences,
+        task: Some(&run.spec.task),
+        ..Record::new(AuditAction::Authorized, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
+    };
+    // The token exists from the moment its Secret is written: the audit line says so then,
+    // even if a later write fails.
+    Record { action: AuditAction::Minted, jti: Some(&jti), exp: Some(exp.as_second()), ..base.clone() }.emit();
 
     status.phase = Some(RunPhase::Authorized);
     status.service_account = Some(children::child_name(&name));
@@ -401,15 +412,7 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     pod_api.patch(&children::child_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&pod)).await?;
 
-    let actors = chain_of(&status);
-    let base = Record {
-        scopes: &status.granted_scopes,
-        audiences: &status.granted_audiences,
-        task: Some(&run.spec.task),
-        ..Record::new(AuditAction::Authorized, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
-    };
-    Record { reason: Some("Authorized"), ..base.clone() }.emit();
-    Record { action: AuditAction::Minted, jti: Some(&jti), exp: Some(exp.as_second()), ..base }.emit();
+    Record { reason: Some("Authorized"), ..base }.emit();
     ctx.metrics.run_authorized();
     ctx.touch_status_of(&AgentRun { status: Some(status.clone()), ..run.clone() });
     publish(

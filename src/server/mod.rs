@@ -288,10 +288,15 @@ pub async fn exchange(
     if !is_live(&s.pods, &run) {
         return Err(fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run is not active")));
     }
-    let status = run.status.clone().unwrap_or_default();
 
     // The actor: the pod of that very run.
     authenticate_actor(s, actor_token, &run).await.map_err(fail)?;
+    // The review awaited the API server: the run may have ended meanwhile. Look again, and
+    // decide on what the run is now.
+    let run = run_of(&s.runs, &subject)
+        .filter(|r| is_live(&s.pods, r))
+        .ok_or_else(|| fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run is not active")))?;
+    let status = run.status.clone().unwrap_or_default();
 
     // One audience, granted to the run and carried by the subject token.
     let audience = match targets.as_slice() {
@@ -409,18 +414,25 @@ async fn authenticate_actor(s: &EndpointState, actor_token: &str, run: &AgentRun
     let ns = run.namespace().unwrap_or_default();
     let child = children::child_name(&run.name_any());
     let expected = format!("system:serviceaccount:{ns}:{child}");
-    if reviewed.username != expected {
-        return Err(OAuthError::new(
-            ErrorCode::UnauthorizedClient,
-            "actor_token does not belong to the subject token's run",
-        ));
+    let live_uid = live_pod_uid(s, run, &ns, &child).await?;
+    match review::actor_refusal(&reviewed, &expected, &child, live_uid.as_deref()) {
+        Some(why) => Err(OAuthError::new(ErrorCode::UnauthorizedClient, why)),
+        None => Ok(()),
     }
-    if let Some(pod) = reviewed.pod_name.as_deref()
-        && pod != child
-    {
-        return Err(OAuthError::new(ErrorCode::UnauthorizedClient, "actor_token is bound to another pod"));
+}
+
+/// The uid of the run's pod as it exists now: from the cache, or (when the cache has not seen
+/// it yet) from the API server. A pod of another owner under the same name does not count.
+async fn live_pod_uid(s: &EndpointState, run: &AgentRun, ns: &str, child: &str) -> Result<Option<String>, OAuthError> {
+    let owned = |p: &PodPhase| children::owned_by(p, run).then(|| p.metadata.uid.clone()).flatten();
+    if let Some(p) = s.pods.get(&ObjectRef::new(child).within(ns)) {
+        return Ok(owned(&p));
     }
-    Ok(())
+    match Api::<PodPhase>::namespaced(s.client.clone(), ns).get_opt(child).await {
+        Ok(p) => Ok(p.as_ref().and_then(owned)),
+        Err(e) => Err(OAuthError::new(ErrorCode::InvalidRequest, format!("the run's pod could not be checked: {e}"))
+            .with_status(StatusCode::SERVICE_UNAVAILABLE)),
+    }
 }
 
 async fn introspect(

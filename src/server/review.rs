@@ -80,6 +80,33 @@ pub fn audiences_accepted(requested: &[String], answered: Option<&[String]>) -> 
     requested.is_empty() || answered.unwrap_or_default().iter().any(|a| requested.contains(a))
 }
 
+/// Why an authenticated actor token may not act for a run, if it may not: it must be a token of
+/// the run's own ServiceAccount (`expected_user`), bound to the run's pod by name and by uid, and
+/// that pod must be the one that exists now (`live_pod_uid`). The uid check is what keeps a cached
+/// review from outliving its pod: a pod deleted and created again under the same name has a new
+/// uid, and the old pod's token no longer matches it.
+pub fn actor_refusal(
+    reviewed: &Reviewed,
+    expected_user: &str,
+    pod: &str,
+    live_pod_uid: Option<&str>,
+) -> Option<&'static str> {
+    if reviewed.username != expected_user {
+        return Some("actor_token does not belong to the subject token's run");
+    }
+    let (Some(bound_name), Some(bound_uid)) = (reviewed.pod_name.as_deref(), reviewed.pod_uid.as_deref()) else {
+        return Some("actor_token is not bound to a pod (use the projected token of the run's pod)");
+    };
+    if bound_name != pod {
+        return Some("actor_token is bound to another pod");
+    }
+    match live_pod_uid {
+        Some(uid) if uid == bound_uid => None,
+        Some(_) => Some("actor_token is bound to an earlier pod of this run"),
+        None => Some("actor_token's pod does not exist"),
+    }
+}
+
 impl Reviewer {
     pub fn new(client: Client, metrics: Arc<Metrics>) -> Reviewer {
         Reviewer { client, cache: Mutex::new(HashMap::new()), metrics }
@@ -151,7 +178,35 @@ impl Reviewer {
 
 #[cfg(test)]
 mod tests {
-    use super::audiences_accepted;
+    use super::{Reviewed, actor_refusal, audiences_accepted};
+
+    #[test]
+    fn an_actor_token_must_be_bound_to_the_runs_live_pod() {
+        const SA: &str = "system:serviceaccount:team:deputy-run-r";
+        let r = |user: &str, pod: Option<&str>, uid: Option<&str>| Reviewed {
+            username: user.into(),
+            uid: Some("sa-uid".into()),
+            pod_name: pod.map(Into::into),
+            pod_uid: uid.map(Into::into),
+        };
+        type Row<'a> = (Reviewed, Option<&'a str>, Option<&'a str>);
+        let cases: Vec<Row> = vec![
+            (r(SA, Some("deputy-run-r"), Some("u1")), Some("u1"), None),
+            (r("system:serviceaccount:team:other", Some("deputy-run-r"), Some("u1")), Some("u1"), Some("belong")),
+            (r(SA, None, None), Some("u1"), Some("not bound")),
+            (r(SA, Some("deputy-run-r"), None), Some("u1"), Some("not bound")),
+            (r(SA, Some("deputy-run-x"), Some("u1")), Some("u1"), Some("another pod")),
+            (r(SA, Some("deputy-run-r"), Some("u0")), Some("u1"), Some("earlier pod")),
+            (r(SA, Some("deputy-run-r"), Some("u1")), None, Some("does not exist")),
+        ];
+        for (reviewed, live, want) in cases {
+            let got = actor_refusal(&reviewed, SA, "deputy-run-r", live);
+            match want {
+                None => assert_eq!(got, None, "{reviewed:?} live {live:?}"),
+                Some(w) => assert!(got.is_some_and(|g| g.contains(w)), "{reviewed:?} live {live:?}: {got:?}"),
+            }
+        }
+    }
 
     #[test]
     fn the_answer_must_name_a_requested_audience() {

@@ -1,0 +1,789 @@
+//! What only a real API server makes meaningful: the CRDs' CEL rules and schema bounds, strict
+//! field validation and pruning, the chart's admission policy against non-admin users, `helm
+//! install/upgrade/uninstall`, `kubectl`'s printer columns and `explain`, pod-bound actor tokens
+//! that die with their pod, and the garbage collector removing a run's children.
+//!
+//! These tests run on the real control plane only (`DEPUTY_E2E_BACKEND=kube`, which
+//! `scripts/test` and `.ci/run` always run). On the test API server each one says loudly that it
+//! did not run there: testapi evaluates no CEL, runs no admission, no garbage collector.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use deputy_controlplane::{ALICE, BOB, ControlPlane, ORCHESTRATOR};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use support::{Backend, Env, backend, client_for, exchange_form, exists, kube_backend, wait_until};
+
+const T: Duration = Duration::from_secs(30);
+
+/// False (and a loud line) on the test API server.
+fn on_real_server(test: &str) -> bool {
+    if backend() == Backend::TestApi {
+        eprintln!(
+            "e2e_cluster: WARNING: {test} runs only on the real control plane (DEPUTY_E2E_BACKEND=kube; scripts/test runs it there); it did NOT run on the test API server"
+        );
+        return false;
+    }
+    true
+}
+
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The objects of `examples/gdpr-compliance.yaml`, moved into `ns`: (agent, grant, run).
+fn gdpr_objects(ns: &str) -> (Value, Value, Value) {
+    let text = std::fs::read_to_string(workspace().join("examples/gdpr-compliance.yaml")).unwrap();
+    let mut docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect();
+    for d in &mut docs {
+        d["metadata"]["namespace"] = json!(ns);
+    }
+    let of = |kind: &str| docs.iter().find(|d| d["kind"] == kind).cloned().unwrap();
+    (of("Agent"), of("DelegationGrant"), of("AgentRun"))
+}
+
+fn plural(kind: &str) -> &'static str {
+    match kind {
+        "Agent" => "agents",
+        "DelegationGrant" => "delegationgrants",
+        "AgentRun" => "agentruns",
+        other => panic!("not a Deputy kind: {other}"),
+    }
+}
+
+fn collection(obj: &Value) -> String {
+    format!(
+        "/apis/deputy.dev/v1alpha1/namespaces/{}/{}",
+        obj["metadata"]["namespace"].as_str().unwrap(),
+        plural(obj["kind"].as_str().unwrap())
+    )
+}
+
+/// What the API server said when it refused a request: (HTTP status, message).
+type Refusal = (u16, String);
+
+async fn send(client: &Client, req: http::Request<Vec<u8>>) -> Result<Value, Refusal> {
+    match client.request::<Value>(req).await {
+        Ok(v) => Ok(v),
+        Err(kube::Error::Api(s)) => Err((s.code, s.message)),
+        Err(e) => panic!("request failed without an API answer: {e}"),
+    }
+}
+
+/// POST with `fieldValidation=Strict`, as `kubectl apply --validate=strict` does.
+async fn create(client: &Client, obj: &Value) -> Result<Value, Refusal> {
+    let req = http::Request::post(format!("{}?fieldValidation=Strict", collection(obj)))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(obj).unwrap())
+        .unwrap();
+    send(client, req).await
+}
+
+/// A JSON merge patch of the object's main resource.
+async fn merge(client: &Client, obj: &Value, patch: &Value) -> Result<Value, Refusal> {
+    let path = format!("{}/{}?fieldValidation=Strict", collection(obj), obj["metadata"]["name"].as_str().unwrap());
+    let req = http::Request::patch(path)
+        .header("content-type", "application/merge-patch+json")
+        .body(serde_json::to_vec(patch).unwrap())
+        .unwrap();
+    send(client, req).await
+}
+
+async fn delete(client: &Client, obj: &Value) {
+    let path = format!("{}/{}", collection(obj), obj["metadata"]["name"].as_str().unwrap());
+    let req = http::Request::delete(path).body(Vec::new()).unwrap();
+    let _ = send(client, req).await;
+}
+
+/// Every `message` of every `x-kubernetes-validations` rule in the CRDs the code generates.
+fn cel_messages() -> BTreeSet<String> {
+    fn walk(v: &Value, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::Array(rules)) = m.get("x-kubernetes-validations") {
+                    out.extend(rules.iter().filter_map(|r| r["message"].as_str().map(str::to_string)));
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = BTreeSet::new();
+    for crd in deputy::resources::crds() {
+        walk(&serde_json::to_value(crd).unwrap(), &mut out);
+    }
+    out
+}
+
+/// A bad object on create: which kind, what to change in the valid example, and what the API
+/// server must answer.
+struct Bad {
+    kind: &'static str,
+    set: Vec<(&'static str, Value)>,
+    message: &'static str,
+}
+
+fn set_path(obj: &mut Value, path: &str, value: Value) {
+    let mut at = obj;
+    let parts: Vec<&str> = path.split('.').collect();
+    for p in &parts[..parts.len() - 1] {
+        at = &mut at[*p];
+    }
+    let last = parts[parts.len() - 1];
+    if value.is_null() {
+        at.as_object_mut().unwrap().remove(last);
+    } else {
+        at[last] = value;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_crd_rule_and_bound_refuses_a_bad_object_with_its_message() {
+    if !on_real_server("every_crd_rule_and_bound_refuses_a_bad_object_with_its_message") {
+        return;
+    }
+    let env = Env::api_only().await;
+    // The CRDs were accepted (so within the CEL cost budget) and are Established.
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    for crd in deputy::resources::crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        let got = crds.get(&name).await.unwrap();
+        let established = got
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        assert!(established, "{name} is Established");
+    }
+
+    let creates: Vec<Bad> = vec![
+        // Durations: the grammar, then the bounds.
+        Bad {
+            kind: "AgentRun",
+            set: vec![("spec.maxDuration", json!("1 hour"))],
+            message: "must be a duration made of hours, minutes and seconds",
+        },
+        Bad { kind: "AgentRun", set: vec![("spec.maxDuration", json!("30s"))], message: "must be between 1m and 168h" },
+        Bad {
+            kind: "AgentRun",
+            set: vec![("spec.maxDuration", json!("169h"))],
+            message: "must be between 1m and 168h",
+        },
+        Bad { kind: "AgentRun", set: vec![("spec.tokenTTL", json!("4s"))], message: "must be between 30s and 24h" },
+        Bad {
+            kind: "AgentRun",
+            set: vec![("spec.tokenTTL", json!("10d"))],
+            message: "must be a duration made of hours, minutes and seconds",
+        },
+        Bad { kind: "Agent", set: vec![("spec.maxTokenTTL", json!("25h"))], message: "must be between 30s and 24h" },
+        Bad {
+            kind: "Agent",
+            set: vec![("spec.maxTokenTTL", json!("-1m"))],
+            message: "must be a duration made of hours, minutes and seconds",
+        },
+        Bad {
+            kind: "DelegationGrant",
+            set: vec![("spec.maxTokenTTL", json!("ten minutes"))],
+            message: "must be a duration made of hours, minutes and seconds",
+        },
+        Bad {
+            kind: "DelegationGrant",
+            set: vec![("spec.maxRunDuration", json!("2 h"))],
+            message: "must be a duration made of hours, minutes and seconds",
+        },
+        // Time windows.
+        Bad {
+            kind: "DelegationGrant",
+            set: vec![("spec.notBefore", json!("yesterday"))],
+            message: "must be an RFC 3339 timestamp such as 2026-11-01T00:00:00Z",
+        },
+        Bad {
+            kind: "DelegationGrant",
+            set: vec![("spec.expiresAt", json!("2026-13-01"))],
+            message: "must be an RFC 3339 timestamp such as 2026-12-31T00:00:00Z",
+        },
+        Bad {
+            kind: "DelegationGrant",
+            set: vec![
+                ("spec.notBefore", json!("2026-12-31T00:00:00Z")),
+                ("spec.expiresAt", json!("2026-11-01T00:00:00Z")),
+            ],
+            message: "notBefore must be earlier than expiresAt",
+        },
+        // An Allow grant says what it allows.
+        Bad {
+            kind: "DelegationGrant",
+            set: vec![("spec.scopes", json!([]))],
+            message: "an Allow grant must name at least one scope",
+        },
+        Bad {
+            kind: "DelegationGrant",
+            set: vec![("spec.audiences", json!([]))],
+            message: "an Allow grant must name at least one audience",
+        },
+        // Schema bounds: patterns, enums, sizes, ranges, required fields.
+        Bad { kind: "AgentRun", set: vec![("spec.scopes", json!(["data read"]))], message: "should match" },
+        Bad { kind: "AgentRun", set: vec![("spec.scopes", json!([]))], message: "should have at least 1 items" },
+        Bad { kind: "AgentRun", set: vec![("spec.audiences", json!([]))], message: "should have at least 1 items" },
+        Bad { kind: "AgentRun", set: vec![("spec.principal", Value::Null)], message: "Required value" },
+        Bad { kind: "AgentRun", set: vec![("spec.task", json!("x".repeat(1025)))], message: "Too long" },
+        Bad { kind: "DelegationGrant", set: vec![("spec.effect", json!("Maybe"))], message: "Unsupported value" },
+        Bad {
+            kind: "DelegationGrant",
+            set: vec![("spec.maxDelegationDepth", json!(9))],
+            message: "should be less than or equal to 8",
+        },
+        Bad { kind: "Agent", set: vec![("spec.scopes", json!(["ok", "not ok"]))], message: "should match" },
+        // Unknown fields are refused under fieldValidation=Strict (spec.template keeps them: it
+        // is a pod template).
+        Bad {
+            kind: "AgentRun",
+            set: vec![("spec.principals", json!(["bob@example.com"]))],
+            message: "unknown field \"spec.principals\"",
+        },
+        Bad { kind: "DelegationGrant", set: vec![("spec.deny", json!(true))], message: "unknown field \"spec.deny\"" },
+    ];
+    let (agent, grant, run) = gdpr_objects(&env.ns);
+    let base = |kind: &str| match kind {
+        "Agent" => agent.clone(),
+        "DelegationGrant" => grant.clone(),
+        _ => run.clone(),
+    };
+    let mut failures = vec![];
+    for (i, bad) in creates.iter().enumerate() {
+        let mut obj = base(bad.kind);
+        obj["metadata"]["name"] = json!(format!("bad-{i}"));
+        for (path, value) in &bad.set {
+            set_path(&mut obj, path, value.clone());
+        }
+        match create(&env.client, &obj).await {
+            Ok(_) => failures.push(format!("{} {:?}: accepted", bad.kind, bad.set)),
+            // A field the schema does not know fails decoding (400); every other refusal is a
+            // validation error (422).
+            Err((code, msg))
+                if code == if bad.message.starts_with("unknown field") { 400 } else { 422 }
+                    && msg.contains(bad.message) => {}
+            Err((code, msg)) => {
+                failures.push(format!("{} {:?}: {code} {msg}, wanted {:?}", bad.kind, bad.set, bad.message))
+            }
+        }
+    }
+
+    // Immutable fields: a valid object, then an update that changes them.
+    for obj in [&agent, &grant, &run] {
+        create(&env.client, obj).await.unwrap_or_else(|e| panic!("the example {} is valid: {e:?}", obj["kind"]));
+    }
+    let updates: Vec<(&Value, Value, &str)> = vec![
+        (&run, json!({"spec": {"principal": BOB}}), "principal is immutable"),
+        (&run, json!({"spec": {"agent": "another-agent"}}), "agent is immutable"),
+        (&run, json!({"spec": {"parentRun": "adopted-by"}}), "parentRun is immutable"),
+        (&grant, json!({"spec": {"principal": BOB}}), "principal is immutable"),
+        (&grant, json!({"spec": {"agent": "another-agent"}}), "agent is immutable"),
+    ];
+    for (obj, patch, message) in &updates {
+        match merge(&env.client, obj, patch).await {
+            Ok(_) => failures.push(format!("{} {patch}: accepted", obj["kind"])),
+            Err((422, msg)) if msg.contains(message) => {}
+            Err((code, msg)) => failures.push(format!("{} {patch}: {code} {msg}, wanted {message:?}", obj["kind"])),
+        }
+    }
+    // A run created with a parent may not drop it either.
+    let mut child = run.clone();
+    child["metadata"]["name"] = json!("child");
+    child["spec"]["parentRun"] = json!("gdpr-check-q4");
+    create(&env.client, &child).await.unwrap();
+    match merge(&env.client, &child, &json!({"spec": {"parentRun": null}})).await {
+        Err((422, msg)) if msg.contains("parentRun is immutable") => {}
+        other => failures.push(format!("dropping parentRun: {other:?}")),
+    }
+    assert!(failures.is_empty(), "the API server did not refuse as the CRDs say:\n{}", failures.join("\n"));
+
+    // Every CEL rule of the CRDs is covered above: a new rule needs a case here.
+    let covered: BTreeSet<&str> = creates.iter().map(|b| b.message).chain(updates.iter().map(|(_, _, m)| *m)).collect();
+    let uncovered: Vec<String> =
+        cel_messages().into_iter().filter(|m| !covered.iter().any(|c| m.contains(c) && !c.is_empty())).collect();
+    assert!(uncovered.is_empty(), "CEL rules without a case in this test: {uncovered:#?}");
+
+    // Without Strict, an unknown field is pruned (structural schema), not stored.
+    let mut pruned = run.clone();
+    pruned["metadata"]["name"] = json!("pruned");
+    pruned["spec"]["bogus"] = json!("x");
+    let req = http::Request::post(collection(&pruned))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&pruned).unwrap())
+        .unwrap();
+    let stored = send(&env.client, req).await.unwrap();
+    assert!(stored["spec"].get("bogus").is_none(), "the unknown field was pruned: {}", stored["spec"]);
+    assert_eq!(stored["spec"]["template"], run["spec"]["template"], "the pod template is kept whole");
+}
+
+/// A Role letting the example's users and orchestrators manage runs and grants in `ns`, as a
+/// platform team would bind them.
+async fn let_users_manage_runs(client: &Client, ns: &str) {
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "deputy-users", "namespace": ns},
+        "rules": [{"apiGroups": ["deputy.dev"], "resources": ["agentruns", "delegationgrants"],
+                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "deputy-users", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deputy-users"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:users"},
+                     {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:orchestrators"}],
+    });
+    kube_backend::apply(client, &role).await;
+    kube_backend::apply(client, &binding).await;
+}
+
+async fn user_client(cp: &ControlPlane, name: &str) -> Client {
+    client_for(&cp.user(name).unwrap().kubeconfig).await
+}
+
+fn run_for(run: &Value, name: &str, principal: &str) -> Value {
+    let mut r = run.clone();
+    r["metadata"]["name"] = json!(name);
+    r["spec"]["principal"] = json!(principal);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_act_for() {
+    if !on_real_server("the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_act_for") {
+        return;
+    }
+    let env = Env::api_only().await;
+    let cp = env.cluster.unwrap();
+    let_users_manage_runs(&env.client, &env.ns).await;
+    // The chart's policy exactly as rendered, its binding limited to this test's namespace so
+    // no other test sees it.
+    let name = format!("deputy-e2e-principal-{}", env.ns);
+    let mut rendered = kube_backend::render_chart(&env.operator_ns, &[]);
+    rendered.retain(|o| o["kind"].as_str().is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy")));
+    assert_eq!(rendered.len(), 2, "the chart renders a policy and its binding by default");
+    for mut o in rendered {
+        o["metadata"]["name"] = json!(name);
+        if o["kind"] == "ValidatingAdmissionPolicyBinding" {
+            o["spec"]["policyName"] = json!(name);
+            o["spec"]["matchResources"] =
+                json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.ns}}});
+        }
+        kube_backend::apply(&env.client, &o).await;
+    }
+    let (_, grant, run) = gdpr_objects(&env.ns);
+    let (alice, bob, orchestrator) =
+        (user_client(cp, ALICE).await, user_client(cp, BOB).await, user_client(cp, ORCHESTRATOR).await);
+
+    // Policies take effect through informers: probe until Bob is refused.
+    let probe = run_for(&run, "probe", ALICE);
+    let enforced = wait_until(T, || async {
+        match create(&bob, &probe).await {
+            Err((403, msg)) => msg.contains("may not act for this principal"),
+            Ok(_) => {
+                delete(&env.client, &probe).await;
+                false
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(enforced, "the chart's admission policy was not enforced within {T:?}");
+
+    // Bob may not name Alice, on a run or on a grant; the message says who and why.
+    let (code, msg) = create(&bob, &run_for(&run, "bob-as-alice", ALICE)).await.unwrap_err();
+    assert_eq!(code, 403);
+    assert!(msg.contains(&format!("spec.principal {ALICE}: {BOB} may not act for this principal")), "{msg}");
+    let mut g = grant.clone();
+    g["metadata"]["name"] = json!("bob-grants-for-alice");
+    assert_eq!(create(&bob, &g).await.unwrap_err().0, 403, "Bob may not write Alice's consent");
+    // Alice may name herself.
+    let mine = run_for(&run, "alice-own", ALICE);
+    create(&alice, &mine).await.expect("Alice names herself");
+    create(&alice, &grant).await.expect("Alice writes her own grant");
+    // Bob may not change Alice's run's spec either (the policy checks the principal it names).
+    let (code, _) = merge(&bob, &mine, &json!({"spec": {"task": "exfiltrate"}})).await.unwrap_err();
+    assert_eq!(code, 403, "Bob may not edit the spec of Alice's run");
+    // Nobody changes the principal on update, Alice included.
+    let (code, msg) = merge(&alice, &mine, &json!({"spec": {"principal": BOB}})).await.unwrap_err();
+    assert!(code == 422 || code == 403, "{code} {msg}");
+
+    // An orchestrator without the permission is refused...
+    let (code, msg) = create(&orchestrator, &run_for(&run, "orch-1", ALICE)).await.unwrap_err();
+    assert_eq!(code, 403, "{msg}");
+    assert!(msg.contains(ORCHESTRATOR), "{msg}");
+    // ...and with it, allowed for exactly the principals it names.
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": [{"apiGroups": [""], "resources": ["users"], "verbs": ["impersonate"], "resourceNames": [ALICE]}],
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": ORCHESTRATOR}],
+    });
+    kube_backend::apply(&env.client, &role).await;
+    kube_backend::apply(&env.client, &binding).await;
+    let allowed =
+        wait_until(T, || async { create(&orchestrator, &run_for(&run, "orch-2", ALICE)).await.is_ok() }).await;
+    assert!(allowed, "the orchestrator may act for Alice once RBAC says so");
+    let (code, msg) = create(&orchestrator, &run_for(&run, "orch-3", BOB)).await.unwrap_err();
+    assert_eq!(code, 403, "but not for Bob: {msg}");
+
+    // Tidy the cluster-scoped objects (the namespace goes with the test).
+    for obj in [&binding, &role] {
+        let ar = kube_backend::resource_of(&env.client, obj).await;
+        let api: Api<kube::api::DynamicObject> = Api::all_with(env.client.clone(), &ar);
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+    }
+    remove_policy(&env.client, &name).await;
+}
+
+async fn remove_policy(client: &Client, name: &str) {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()).delete(name, &DeleteParams::default()).await;
+    let _ = Api::<ValidatingAdmissionPolicy>::all(client.clone()).delete(name, &DeleteParams::default()).await;
+}
+
+/// The real helm of `scripts/install-tools`, against the control plane as its admin, with its
+/// caches in a directory of the test.
+struct Helm {
+    kubeconfig: PathBuf,
+    home: PathBuf,
+    namespace: String,
+    release: &'static str,
+}
+
+impl Helm {
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let helm = workspace().join(".tools/bin/helm");
+        assert!(helm.exists(), "{} is missing: run scripts/install-tools (scripts/test does)", helm.display());
+        let out = Command::new(helm)
+            .args(args)
+            .args(["--namespace", &self.namespace, "--kubeconfig"])
+            .arg(&self.kubeconfig)
+            .env("HELM_CACHE_HOME", self.home.join("cache"))
+            .env("HELM_CONFIG_HOME", self.home.join("config"))
+            .env("HELM_DATA_HOME", self.home.join("data"))
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if out.status.success() { Ok(text) } else { Err(text) }
+    }
+
+    /// The objects of the release as helm installed them.
+    fn manifest(&self) -> Vec<Value> {
+        let text = self.run(&["get", "manifest", self.release]).unwrap();
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|v: &Value| !v.is_null())
+            .collect()
+    }
+}
+
+impl Drop for Helm {
+    /// The chart has cluster-scoped objects (its admission policy among them): a failed test
+    /// must not leave them to the next.
+    fn drop(&mut self) {
+        let _ = self.run(&["uninstall", self.release, "--wait", "--timeout", "60s"]);
+    }
+}
+
+/// Stand-ins for the CRDs of cert-manager and the Prometheus Operator, which the chart's
+/// optional features use. They accept any spec: the API server checks that the chart's objects
+/// are of kinds the cluster serves, not cert-manager's own validation.
+async fn install_foreign_crds(client: &Client) {
+    for (group, kind, plural) in [
+        ("cert-manager.io", "Certificate", "certificates"),
+        ("cert-manager.io", "Issuer", "issuers"),
+        ("monitoring.coreos.com", "ServiceMonitor", "servicemonitors"),
+    ] {
+        let crd = json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.{group}")},
+            "spec": {"group": group, "scope": "Namespaced",
+                     "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
+                     "versions": [{"name": "v1", "served": true, "storage": true,
+                                   "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]},
+        });
+        kube_backend::apply(client, &crd).await;
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let ok = wait_until(T, || async {
+        let mut all = true;
+        for name in ["certificates.cert-manager.io", "issuers.cert-manager.io", "servicemonitors.monitoring.coreos.com"]
+        {
+            let c = crds.get(name).await.unwrap();
+            all &= c
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+        }
+        all
+    })
+    .await;
+    assert!(ok, "the stand-in CRDs are Established");
+}
+
+/// Every object of a manifest exists on the server (`present`) or none does.
+async fn objects_exist(client: &Client, objects: &[Value], namespace: &str) -> Vec<(String, bool)> {
+    let mut out = vec![];
+    for o in objects {
+        let ar = kube_backend::resource_of(client, o).await;
+        let name = o["metadata"]["name"].as_str().unwrap();
+        let namespaced =
+            kube::discovery::pinned_kind(client, &kube::api::GroupVersionKind::gvk(&ar.group, &ar.version, &ar.kind))
+                .await
+                .unwrap()
+                .1
+                .scope
+                == kube::discovery::Scope::Namespaced;
+        let api: Api<kube::api::DynamicObject> = if namespaced {
+            Api::namespaced_with(client.clone(), o["metadata"]["namespace"].as_str().unwrap_or(namespace), &ar)
+        } else {
+            Api::all_with(client.clone(), &ar)
+        };
+        out.push((format!("{} {name}", ar.kind), api.get_opt(name).await.unwrap().is_some()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_installs_upgrades_and_uninstalls_the_chart() {
+    if !on_real_server("helm_installs_upgrades_and_uninstalls_the_chart") {
+        return;
+    }
+    let env = Env::api_only().await;
+    let cp = env.cluster.unwrap();
+    let helm = Helm {
+        kubeconfig: cp.admin_kubeconfig(),
+        home: env.dir.join("helm"),
+        namespace: env.ns.clone(),
+        release: "deputy-helm",
+    };
+    let chart = workspace().join("charts/deputy");
+    let chart = chart.to_str().unwrap();
+
+    // Default values serve TLS with a cert-manager certificate: on a cluster without
+    // cert-manager, helm refuses and says which kind is missing.
+    let missing = helm.run(&["install", helm.release, chart]).unwrap_err();
+    assert!(missing.contains("Certificate") || missing.contains("cert-manager.io"), "{missing}");
+    let _ = helm.run(&["uninstall", helm.release]);
+
+    // With cert-manager's kinds served, the default values install, every object accepted.
+    install_foreign_crds(&env.client).await;
+    helm.run(&["install", helm.release, chart]).unwrap_or_else(|e| panic!("helm install: {e}"));
+    let installed = helm.manifest();
+    let kinds: BTreeSet<String> = installed.iter().filter_map(|o| o["kind"].as_str().map(str::to_string)).collect();
+    for k in [
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ClusterRole",
+        "Role",
+        "ValidatingAdmissionPolicy",
+        "Certificate",
+        "PodDisruptionBudget",
+    ] {
+        assert!(kinds.contains(k), "the default release has a {k}: {kinds:?}");
+    }
+    let present = objects_exist(&env.client, &installed, &env.ns).await;
+    assert!(present.iter().all(|(_, p)| *p), "every installed object exists: {present:?}");
+
+    // Every optional feature on.
+    helm.run(&[
+        "upgrade",
+        helm.release,
+        chart,
+        "--reuse-values",
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "replicaCount=3",
+        "--set",
+        "config.logFormat=text",
+    ])
+    .unwrap_or_else(|e| panic!("helm upgrade: {e}"));
+    let upgraded = helm.manifest();
+    let kinds: BTreeSet<String> = upgraded.iter().filter_map(|o| o["kind"].as_str().map(str::to_string)).collect();
+    assert!(kinds.contains("NetworkPolicy") && kinds.contains("ServiceMonitor"), "{kinds:?}");
+    let present = objects_exist(&env.client, &upgraded, &env.ns).await;
+    assert!(present.iter().all(|(_, p)| *p), "every upgraded object exists: {present:?}");
+    let deployment = upgraded.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    let live = deployments.get(deployment["metadata"]["name"].as_str().unwrap()).await.unwrap();
+    assert_eq!(live.spec.unwrap().replicas, Some(3));
+
+    // Uninstall removes every object of the release (helm keeps the CRDs, by design).
+    helm.run(&["uninstall", helm.release, "--wait", "--timeout", "60s"])
+        .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+    let gone =
+        wait_until(T, || async { objects_exist(&env.client, &upgraded, &env.ns).await.iter().all(|(_, p)| !*p) }).await;
+    assert!(gone, "left after uninstall: {:?}", objects_exist(&env.client, &upgraded, &env.ns).await);
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    assert!(exists(&crds, "agentruns.deputy.dev").await, "the CRDs stay");
+}
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
+    let out = Command::new(workspace().join(".tools/bin/kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_shows_the_printer_columns_and_explains_the_fields() {
+    if !on_real_server("kubectl_shows_the_printer_columns_and_explains_the_fields") {
+        return;
+    }
+    let env = Env::start().await;
+    env.apply_example("gdpr-compliance.yaml").await;
+    env.wait_phase("gdpr-check-q4", "Authorized", T).await;
+    let admin = env.cluster.unwrap().admin_kubeconfig();
+    let table = kubectl(&admin, &["get", "ar", "-n", &env.ns]);
+    let header: Vec<&str> =
+        table.lines().next().unwrap().split("  ").map(str::trim).filter(|s| !s.is_empty()).collect();
+    assert_eq!(header, ["NAME", "PHASE", "PRINCIPAL", "AGENT", "TOKEN EXPIRES", "AGE"], "{table}");
+    let row = table.lines().nth(1).unwrap();
+    for v in ["gdpr-check-q4", "Authorized", ALICE, "gdpr-compliance-agent"] {
+        assert!(row.contains(v), "{table}");
+    }
+    let wide = kubectl(&admin, &["get", "agentruns", "-n", &env.ns, "-o", "wide"]);
+    for col in ["PARENT", "SCOPES", "REASON"] {
+        assert!(wide.lines().next().unwrap().contains(col), "{wide}");
+    }
+    assert!(wide.contains("compliance:privacy:check"), "{wide}");
+    // `kubectl get deputy` lists every kind in the category.
+    let all = kubectl(&admin, &["get", "deputy", "-n", &env.ns]);
+    for v in [
+        "agentrun.deputy.dev/gdpr-check-q4",
+        "agent.deputy.dev/gdpr-compliance-agent",
+        "delegationgrant.deputy.dev/alice-gdpr",
+    ] {
+        assert!(all.contains(v), "{all}");
+    }
+    // The API server publishes the CRD's OpenAPI a moment after it is Established.
+    let mut explained = String::new();
+    let ok = wait_until(T, || {
+        let admin = admin.clone();
+        let out = Command::new(workspace().join(".tools/bin/kubectl"))
+            .arg("--kubeconfig")
+            .arg(&admin)
+            .args(["explain", "agentrun.spec"])
+            .output()
+            .unwrap();
+        explained = String::from_utf8_lossy(&out.stdout).into_owned();
+        let done = out.status.success() && explained.contains("principal");
+        async move { done }
+    })
+    .await;
+    assert!(ok, "kubectl explain agentrun.spec: {explained}");
+    // kubectl wraps descriptions to the terminal: compare with whitespace collapsed.
+    let words = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+    let explained = words(&explained);
+    for text in ["The principal the agent acts for", "maxDuration", "One task execution of an Agent"] {
+        assert!(explained.contains(text), "kubectl explain agentrun.spec lacks {text:?}:\n{explained}");
+    }
+    let field = kubectl(&admin, &["explain", "delegationgrant.spec.effect"]);
+    assert!(words(&field).contains("Deny always wins"), "{field}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_token_stops_working_with_its_pod_and_must_be_for_deputy() {
+    if !on_real_server("an_actor_token_stops_working_with_its_pod_and_must_be_for_deputy") {
+        return;
+    }
+    let env = Env::start().await;
+    env.apply_example("gdpr-compliance.yaml").await;
+    env.wait_phase("gdpr-check-q4", "Authorized", T).await;
+    let subject = env.run_token("gdpr-check-q4").await.unwrap();
+    let pod_name = "deputy-run-gdpr-check-q4";
+    let pods: Api<Pod> = env.api();
+    let first_uid = pods.get(pod_name).await.unwrap().metadata.uid.unwrap();
+    let old = env.actor_token("gdpr-check-q4").await;
+    let (status, body) = env.post("/token", &exchange_form(&subject, &old), None).await;
+    assert_eq!(status, 200, "the pod's token works while the pod exists: {body}");
+
+    // A token of the run's ServiceAccount bound to no pod, and one bound to the pod but for the
+    // API server's audience: neither is an actor token.
+    let sas: Api<ServiceAccount> = env.api();
+    let req: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [env.token_url()], "expirationSeconds": 600}})).unwrap();
+    let unbound = sas.create_token_request(pod_name, &Default::default(), &req).await.unwrap().status.unwrap().token;
+    let (status, body) = env.post("/token", &exchange_form(&subject, &unbound), None).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("unauthorized_client")), "unbound: {body}");
+    assert!(body["error_description"].as_str().unwrap().contains("not bound to a pod"), "{body}");
+    let foreign = env.pod_token("gdpr-check-q4", deputy_controlplane::SA_ISSUER).await;
+    let (status, body) = env.post("/token", &exchange_form(&subject, &foreign), None).await;
+    assert!(status == 400 || status == 401, "a token for the API server's audience is refused: {status} {body}");
+
+    // The pod is deleted (the run is Authorized, not yet Running: Deputy creates the pod again).
+    pods.delete(pod_name, &DeleteParams::default()).await.unwrap();
+    let recreated = wait_until(T, || async {
+        pods.get_opt(pod_name).await.unwrap().and_then(|p| p.metadata.uid).is_some_and(|u| u != first_uid)
+    })
+    .await;
+    assert!(recreated, "Deputy creates the missing pod again\noperator log:\n{}", env.operator_log());
+    // The old pod's token is refused (the API server caches successful reviews for 10 s, Deputy
+    // keys its cache on the pod's uid: poll).
+    let refused =
+        wait_until(T, || async { env.post("/token", &exchange_form(&subject, &old), None).await.0 != 200 }).await;
+    assert!(refused, "the deleted pod's actor token still works");
+    let (status, body) = env.post("/token", &exchange_form(&subject, &old), None).await;
+    assert_eq!(status, 400, "{body}");
+    // The new pod's token works.
+    let new = env.actor_token("gdpr-check-q4").await;
+    let (status, body) = env.post("/token", &exchange_form(&subject, &new), None).await;
+    assert_eq!(status, 200, "the new pod's token works: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_garbage_collector_removes_a_runs_children_through_their_owner() {
+    if !on_real_server("the_garbage_collector_removes_a_runs_children_through_their_owner") {
+        return;
+    }
+    let mut env = Env::start().await;
+    env.apply_example("gdpr-compliance.yaml").await;
+    env.wait_phase("gdpr-check-q4", "Authorized", T).await;
+    let child = "deputy-run-gdpr-check-q4";
+    assert!(exists(&env.api::<Pod>(), child).await && exists(&env.api::<Secret>(), child).await);
+    // Without the operator (it would revoke through its finalizer), only the owner references
+    // are left to clean up.
+    env.kill_operator();
+    let runs = env.runs();
+    runs.patch("gdpr-check-q4", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"finalizers": null}})))
+        .await
+        .unwrap();
+    runs.delete("gdpr-check-q4", &DeleteParams::default()).await.unwrap();
+    let gone = wait_until(Duration::from_secs(60), || async {
+        !exists(&env.api::<Pod>(), child).await
+            && !exists(&env.api::<Secret>(), child).await
+            && !exists(&env.api::<ServiceAccount>(), child).await
+    })
+    .await;
+    assert!(gone, "the garbage collector removed the run's pod, Secret and ServiceAccount");
+}
