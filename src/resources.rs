@@ -255,7 +255,7 @@ pub struct DelegationGrantStatus {
     printcolumn(name = "Agent", type_ = "string", json_path = ".spec.agent"),
     printcolumn(name = "Parent", type_ = "string", json_path = ".spec.parentRun", priority = 1),
     printcolumn(name = "Scopes", type_ = "string", json_path = ".status.grantedScopes", priority = 1),
-    printcolumn(name = "Token Expires", type_ = "date", json_path = ".status.tokenExpiresAt"),
+    printcolumn(name = "Token Expires", type_ = "string", json_path = ".status.tokenExpiresAt"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]

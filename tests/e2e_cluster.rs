@@ -672,6 +672,9 @@ async fn kubectl_shows_the_printer_columns_and_explains_the_fields() {
     for v in ["gdpr-check-q4", "Authorized", ALICE, "gdpr-compliance-agent"] {
         assert!(row.contains(v), "{table}");
     }
+    // A future time in a `date` column prints as `<invalid>`: the expiry is shown as a timestamp.
+    let expires = env.runs().get("gdpr-check-q4").await.unwrap().status.unwrap().token_expires_at.unwrap();
+    assert!(row.contains(&expires.to_string()) && !row.contains("<invalid>"), "{table}");
     let wide = kubectl(&admin, &["get", "agentruns", "-n", &env.ns, "-o", "wide"]);
     for col in ["PARENT", "SCOPES", "REASON"] {
         assert!(wide.lines().next().unwrap().contains(col), "{wide}");

@@ -460,12 +460,21 @@ async fn keep_active(
                 .agents
                 .get(&ObjectRef::new(&run.spec.agent).within(&ns))
                 .ok_or(Error::MissingField("agent"))?;
-            if let Decision::Authorized(auth) = decide(run, ctx, now)
-                && let Ok(p) = children::desired_pod(run, &agent, &auth, &ctx.cfg.children, now)
-            {
-                Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-                    .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&p))
-                    .await?;
+            match decide(run, ctx, now) {
+                Decision::Authorized(auth) => match children::desired_pod(run, &agent, &auth, &ctx.cfg.children, now) {
+                    Ok(p) => {
+                        tracing::info!(namespace = %ns, run = %name, "the run's pod is missing; creating it again");
+                        Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+                            .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&p))
+                            .await?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(namespace = %ns, run = %name, error = %e, "the run's pod is missing and cannot be built")
+                    }
+                },
+                other => {
+                    tracing::warn!(namespace = %ns, run = %name, decision = ?other, "the run's pod is missing and the run is no longer authorised")
+                }
             }
         }
         Some(p) if status.phase == Some(RunPhase::Authorized) && p.phase() == Some("Running") => {
