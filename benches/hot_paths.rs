@@ -49,6 +49,7 @@ fn policy() -> Policy {
         max_token_ttl: SignedDuration::from_hours(1),
         default_token_ttl: SignedDuration::from_mins(10),
         max_run_duration: SignedDuration::from_hours(24),
+        deputy_namespace: Some("deputy-system".into()),
     }
 }
 
@@ -57,7 +58,8 @@ fn agent() -> Agent {
         "apiVersion": "deputy.dev/v1alpha1", "kind": "Agent",
         "metadata": {"name": AGENT, "namespace": NS, "uid": "uid-agent"},
         "spec": {"scopes": ["compliance:*", "marketing:read"], "audiences": [AUDIENCE], "maxTokenTTL": "15m",
-                 "images": ["registry.example.com/agents/gdpr@sha256:*", "docker.io/library/busybox:1.36"]}
+                 "template": {"spec": {"restartPolicy": "Never",
+                     "containers": [{"name": "agent", "image": "docker.io/library/busybox:1.36"}]}}}
     }))
     .unwrap()
 }
@@ -68,9 +70,7 @@ fn run(uid: &str, status: serde_json::Value) -> AgentRun {
         "metadata": {"name": RUN, "namespace": NS, "uid": uid, "generation": 1},
         "spec": {"agent": AGENT, "principal": PRINCIPAL, "task": "Check the Q4 field campaign",
                  "scopes": ["compliance:audit:cross_dept", "compliance:privacy:check", "marketing:write"],
-                 "audiences": [AUDIENCE], "tokenTTL": "10m", "maxDuration": "1h",
-                 "template": {"spec": {"restartPolicy": "Never",
-                     "containers": [{"name": "agent", "image": "docker.io/library/busybox:1.36"}]}}},
+                 "audiences": [AUDIENCE], "tokenTTL": "10m", "maxDuration": "1h"},
         "status": status
     }))
     .unwrap()

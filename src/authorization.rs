@@ -6,8 +6,10 @@
 //! force, minus every Deny grant in force) and, for a sub-agent, what the parent run holds.
 //!
 //! Rules, in the order they are checked:
-//! 1. The run's own spec must be well-formed (scopes, durations, template, images).
-//! 2. The Agent must exist and not be being deleted; its spec must be well-formed.
+//! 1. The run's own spec must be well-formed (scopes, durations, no `DEPUTY_*` env), and the
+//!    run must not be in Deputy's own namespace.
+//! 2. The Agent must exist and not be being deleted; its spec (pod template included) must be
+//!    well-formed.
 //! 3. For a sub-agent run: the parent must exist, be active, act for the same principal and
 //!    have delegation depth left.
 //! 4. Grants for (principal, agent) count only while in force: `notBefore <= now <
@@ -17,7 +19,7 @@
 //!    means "all of them", so a Deny grant with both lists empty refuses the agent outright.
 //!    A requested pattern that overlaps a denied one is dropped whole (patterns cannot
 //!    express "P:* except Q").
-//! 6. Every container image of the template must match one of the Agent's image patterns.
+//! 6. The pod is the Agent's template: a run adds only args and plain env to it.
 //! 7. TTL = min(run, agent, contributing grants, parent, global); deadline = min(start plus
 //!    maxDuration, start plus the grants' maxRunDuration, the grants' expiresAt, the parent's
 //!    deadline, start plus the global maximum). A run left with no scope or no audience is
@@ -42,6 +44,8 @@ pub struct Policy {
     pub default_token_ttl: SignedDuration,
     /// No run lasts longer than this.
     pub max_run_duration: SignedDuration,
+    /// Deputy's own namespace (its signing keys, its Lease): runs there are refused.
+    pub deputy_namespace: Option<String>,
 }
 
 impl Default for Policy {
@@ -51,6 +55,7 @@ impl Default for Policy {
             max_token_ttl: SignedDuration::from_hours(1),
             default_token_ttl: SignedDuration::from_mins(10),
             max_run_duration: SignedDuration::from_hours(24),
+            deputy_namespace: None,
         }
     }
 }
@@ -96,8 +101,8 @@ pub enum Reason {
     NoScopesGranted,
     /// None of the requested audiences survives the intersection.
     NoAudienceGranted,
-    /// A container image is not allowed by the Agent.
-    ImageNotAllowed,
+    /// The run is in Deputy's own namespace (where the signing keys live).
+    ReservedNamespace,
     /// The parent run does not exist (yet).
     ParentNotFound,
     /// The parent run has not been authorised yet.
@@ -124,7 +129,7 @@ impl Reason {
             Reason::InvalidDenyGrant => "InvalidDenyGrant",
             Reason::NoScopesGranted => "NoScopesGranted",
             Reason::NoAudienceGranted => "NoAudienceGranted",
-            Reason::ImageNotAllowed => "ImageNotAllowed",
+            Reason::ReservedNamespace => "ReservedNamespace",
             Reason::ParentNotFound => "ParentNotFound",
             Reason::ParentPending => "ParentPending",
             Reason::ParentNotActive => "ParentNotActive",
@@ -300,14 +305,6 @@ pub fn template_images(template: &serde_json::Value) -> Result<Vec<String>, Stri
     Ok(images)
 }
 
-/// Whether `image` matches an Agent image pattern (exact, or a prefix ending in `*`).
-pub fn image_allowed(image: &str, patterns: &[String]) -> bool {
-    patterns.iter().any(|p| match p.strip_suffix('*') {
-        Some(prefix) => image.starts_with(prefix),
-        None => image == p,
-    })
-}
-
 /// Decides whether `input.run` may act, and with what authority.
 pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
     let Input { run, agent, grants, parent, now, policy } = input;
@@ -332,13 +329,15 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         Ok(d) => d,
         Err(e) => return deny(Reason::InvalidSpec, format!("spec.maxDuration: {e}")),
     };
-    let Some(template) = spec.template.as_ref() else {
-        return deny(Reason::InvalidSpec, "spec.template is required");
-    };
-    let images = match template_images(template) {
-        Ok(i) => i,
-        Err(e) => return deny(Reason::InvalidSpec, format!("spec.{e}")),
-    };
+    if let Some(e) = spec.env.iter().find(|e| e.name.starts_with("DEPUTY_")) {
+        return deny(Reason::InvalidSpec, format!("spec.env: {:?} is reserved for Deputy", e.name));
+    }
+    if policy.deputy_namespace.as_deref() == Some(namespace) {
+        return deny(
+            Reason::ReservedNamespace,
+            format!("runs in Deputy's own namespace {namespace:?} are refused (it holds the signing keys)"),
+        );
+    }
 
     // 2. The Agent.
     let Some(agent) = agent else {
@@ -355,8 +354,8 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         Ok(d) => d,
         Err(e) => return deny(Reason::InvalidAgent, format!("Agent {:?} spec.maxTokenTTL: {e}", spec.agent)),
     };
-    if let Some(bad) = images.iter().find(|i| !image_allowed(i, &agent.spec.images)) {
-        return deny(Reason::ImageNotAllowed, format!("image {bad:?} is not allowed by Agent {:?}", spec.agent));
+    if let Err(e) = template_images(&agent.spec.template) {
+        return deny(Reason::InvalidAgent, format!("Agent {:?} spec.{e}", spec.agent));
     }
 
     // 3. The parent, for a sub-agent run.

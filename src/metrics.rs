@@ -162,7 +162,7 @@ fn bounded_reason(reason: &str) -> &'static str {
         "InvalidAgent",
         "NoScopesGranted",
         "NoAudienceGranted",
-        "ImageNotAllowed",
+        "ReservedNamespace",
         "ParentPrincipalMismatch",
         "DelegationDepthExceeded",
     ];

@@ -79,12 +79,13 @@ pub struct AgentSpec {
     #[x_kube(validation = Rule::new("!self.matches('^([0-9]{1,6}[hms]){1,3}$') || (duration(self) >= duration('30s') && duration(self) <= duration('24h'))").message("must be between 30s and 24h"))]
     pub max_token_ttl: String,
 
-    /// Container images a run's pod may use. A pattern may end in `*`, which matches any
-    /// rest of the reference (`registry.example.com/agents/gdpr@sha256:*`). Empty: no pod
-    /// may be started for this agent.
-    #[serde(default)]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 512)))]
-    pub images: Vec<String>,
+    /// The pod every run of this agent starts (a PodTemplateSpec), written by the platform
+    /// team: what runs, and with what volumes, security context and host access, is the
+    /// Agent's to decide, never a run's. Deputy sets the service account, the projected token
+    /// volume at `/var/run/secrets/deputy.dev/`, the `DEPUTY_*` environment variables and
+    /// `activeDeadlineSeconds`; a run adds only its `args` and `env` to the first container.
+    #[schemars(schema_with = "pod_template_schema")]
+    pub template: serde_json::Value,
 
     /// Whether a run's pod gets the Kubernetes API credentials of its own per-run service
     /// account mounted. Off by default: an agent has no Kubernetes API access unless the
@@ -311,12 +312,28 @@ pub struct AgentRunSpec {
     #[schemars(length(min = 1, max = 253))]
     pub parent_run: Option<String>,
 
-    /// The pod to run (a PodTemplateSpec). Deputy sets its service account, the projected
-    /// token volume at `/var/run/secrets/deputy.dev/`, the `DEPUTY_*` environment variables
-    /// and `activeDeadlineSeconds`. Every container image must be allowed by the Agent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "pod_template_schema")]
-    pub template: Option<serde_json::Value>,
+    /// Arguments for the Agent's first container (replacing the template's `args`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
+    pub args: Vec<String>,
+
+    /// Environment variables for the Agent's first container: plain values only. A name the
+    /// Agent's template sets, or a `DEPUTY_*` name, is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<RunEnvVar>,
+}
+
+/// One plain environment variable of a run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+pub struct RunEnvVar {
+    /// A C identifier; `DEPUTY_*` is reserved.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[x_kube(validation = Rule::new("!self.startsWith('DEPUTY_')").message("DEPUTY_* environment variables are reserved for Deputy"))]
+    pub name: String,
+    #[serde(default)]
+    #[schemars(length(max = 32768))]
+    pub value: String,
 }
 
 fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -15,20 +15,26 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use deputy_controlplane::{ALICE, BOB, ControlPlane, ORCHESTRATOR};
+use deputy_controlplane::{ALICE, BOB, ORCHESTRATOR};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
-use support::{Backend, Env, backend, client_for, exchange_form, exists, kube_backend, wait_until};
+use support::{
+    Backend, Env, Refusal, backend, collection, create_object, exchange_form, exists, kube_backend, send, wait_until,
+};
 
 const T: Duration = Duration::from_secs(30);
 
 /// False (and a loud line) on the test API server.
 fn on_real_server(test: &str) -> bool {
     if backend() == Backend::TestApi {
-        eprintln!(
+        // Straight to the process's stderr: the test harness captures `eprintln!` of passing
+        // tests, and this must be seen.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "e2e_cluster: WARNING: {test} runs only on the real control plane (DEPUTY_E2E_BACKEND=kube; scripts/test runs it there); it did NOT run on the test API server"
         );
         return false;
@@ -54,41 +60,9 @@ fn gdpr_objects(ns: &str) -> (Value, Value, Value) {
     (of("Agent"), of("DelegationGrant"), of("AgentRun"))
 }
 
-fn plural(kind: &str) -> &'static str {
-    match kind {
-        "Agent" => "agents",
-        "DelegationGrant" => "delegationgrants",
-        "AgentRun" => "agentruns",
-        other => panic!("not a Deputy kind: {other}"),
-    }
-}
-
-fn collection(obj: &Value) -> String {
-    format!(
-        "/apis/deputy.dev/v1alpha1/namespaces/{}/{}",
-        obj["metadata"]["namespace"].as_str().unwrap(),
-        plural(obj["kind"].as_str().unwrap())
-    )
-}
-
-/// What the API server said when it refused a request: (HTTP status, message).
-type Refusal = (u16, String);
-
-async fn send(client: &Client, req: http::Request<Vec<u8>>) -> Result<Value, Refusal> {
-    match client.request::<Value>(req).await {
-        Ok(v) => Ok(v),
-        Err(kube::Error::Api(s)) => Err((s.code, s.message)),
-        Err(e) => panic!("request failed without an API answer: {e}"),
-    }
-}
-
 /// POST with `fieldValidation=Strict`, as `kubectl apply --validate=strict` does.
 async fn create(client: &Client, obj: &Value) -> Result<Value, Refusal> {
-    let req = http::Request::post(format!("{}?fieldValidation=Strict", collection(obj)))
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(obj).unwrap())
-        .unwrap();
-    send(client, req).await
+    create_object(client, obj, true).await
 }
 
 /// A JSON merge patch of the object's main resource.
@@ -248,14 +222,35 @@ async fn every_crd_rule_and_bound_refuses_a_bad_object_with_its_message() {
             message: "should be less than or equal to 8",
         },
         Bad { kind: "Agent", set: vec![("spec.scopes", json!(["ok", "not ok"]))], message: "should match" },
-        // Unknown fields are refused under fieldValidation=Strict (spec.template keeps them: it
-        // is a pod template).
+        // A run's env: plain, well-named, never Deputy's own variables.
+        Bad {
+            kind: "AgentRun",
+            set: vec![("spec.env", json!([{"name": "DEPUTY_TOKEN_FILE", "value": "/tmp/forged"}]))],
+            message: "DEPUTY_* environment variables are reserved for Deputy",
+        },
+        Bad {
+            kind: "AgentRun",
+            set: vec![("spec.env", json!([{"name": "1X", "value": "v"}]))],
+            message: "should match",
+        },
+        // Unknown fields are refused under fieldValidation=Strict (an Agent's spec.template keeps
+        // them: it is a pod template). A run's pod template is such an unknown field now.
         Bad {
             kind: "AgentRun",
             set: vec![("spec.principals", json!(["bob@example.com"]))],
             message: "unknown field \"spec.principals\"",
         },
         Bad { kind: "DelegationGrant", set: vec![("spec.deny", json!(true))], message: "unknown field \"spec.deny\"" },
+        Bad {
+            kind: "AgentRun",
+            set: vec![("spec.template", json!({"spec": {"hostNetwork": true}}))],
+            message: "unknown field \"spec.template\"",
+        },
+        Bad {
+            kind: "AgentRun",
+            set: vec![("spec.env", json!([{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]))],
+            message: "unknown field \"spec.env[0].valueFrom\"",
+        },
     ];
     let (agent, grant, run) = gdpr_objects(&env.ns);
     let base = |kind: &str| match kind {
@@ -318,41 +313,25 @@ async fn every_crd_rule_and_bound_refuses_a_bad_object_with_its_message() {
         cel_messages().into_iter().filter(|m| !covered.iter().any(|c| m.contains(c) && !c.is_empty())).collect();
     assert!(uncovered.is_empty(), "CEL rules without a case in this test: {uncovered:#?}");
 
-    // Without Strict, an unknown field is pruned (structural schema), not stored.
+    // Without Strict, an unknown field is pruned (structural schema), not stored: a run's
+    // `spec.template` (the pod template of v1alpha1 before revision 2) included.
     let mut pruned = run.clone();
     pruned["metadata"]["name"] = json!("pruned");
     pruned["spec"]["bogus"] = json!("x");
-    let req = http::Request::post(collection(&pruned))
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&pruned).unwrap())
-        .unwrap();
-    let stored = send(&env.client, req).await.unwrap();
+    pruned["spec"]["template"] = json!({"spec": {"hostPID": true, "containers": [{"name": "x", "image": "evil"}]}});
+    let stored = create_object(&env.client, &pruned, false).await.unwrap();
     assert!(stored["spec"].get("bogus").is_none(), "the unknown field was pruned: {}", stored["spec"]);
-    assert_eq!(stored["spec"]["template"], run["spec"]["template"], "the pod template is kept whole");
+    assert!(stored["spec"].get("template").is_none(), "a run has no pod template: {}", stored["spec"]);
+    // The Agent's pod template is kept whole (it is a PodTemplateSpec, preserved as written).
+    let stored = get_object(&env, "agents", "gdpr-compliance-agent").await;
+    assert_eq!(stored["spec"]["template"], agent["spec"]["template"], "the Agent's pod template is kept whole");
 }
 
-/// A Role letting the example's users and orchestrators manage runs and grants in `ns`, as a
-/// platform team would bind them.
-async fn let_users_manage_runs(client: &Client, ns: &str) {
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "deputy-users", "namespace": ns},
-        "rules": [{"apiGroups": ["deputy.dev"], "resources": ["agentruns", "delegationgrants"],
-                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
-    });
-    let binding = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "deputy-users", "namespace": ns},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deputy-users"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:users"},
-                     {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:orchestrators"}],
-    });
-    kube_backend::apply(client, &role).await;
-    kube_backend::apply(client, &binding).await;
-}
-
-async fn user_client(cp: &ControlPlane, name: &str) -> Client {
-    client_for(&cp.user(name).unwrap().kubeconfig).await
+async fn get_object(env: &Env, plural: &str, name: &str) -> Value {
+    let req = http::Request::get(format!("/apis/deputy.dev/v1alpha1/namespaces/{}/{plural}/{name}", env.ns))
+        .body(Vec::new())
+        .unwrap();
+    send(&env.client, req).await.unwrap()
 }
 
 fn run_for(run: &Value, name: &str, principal: &str) -> Value {
@@ -369,7 +348,7 @@ async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_a
     }
     let env = Env::api_only().await;
     let cp = env.cluster.unwrap();
-    let_users_manage_runs(&env.client, &env.ns).await;
+    kube_backend::let_users_manage_runs(&env.client, &env.ns).await;
     // The chart's policy exactly as rendered, its binding limited to this test's namespace so
     // no other test sees it.
     let name = format!("deputy-e2e-principal-{}", env.ns);
@@ -386,8 +365,11 @@ async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_a
         kube_backend::apply(&env.client, &o).await;
     }
     let (_, grant, run) = gdpr_objects(&env.ns);
-    let (alice, bob, orchestrator) =
-        (user_client(cp, ALICE).await, user_client(cp, BOB).await, user_client(cp, ORCHESTRATOR).await);
+    let (alice, bob, orchestrator) = (
+        kube_backend::user_client(cp, ALICE).await,
+        kube_backend::user_client(cp, BOB).await,
+        kube_backend::user_client(cp, ORCHESTRATOR).await,
+    );
 
     // Policies take effect through informers: probe until Bob is refused.
     let probe = run_for(&run, "probe", ALICE);

@@ -5,7 +5,7 @@ use kube::api::ObjectMeta;
 use serde_json::json;
 
 use super::*;
-use crate::resources::{AgentRunSpec, AgentRunStatus, AgentSpec, DelegationGrantSpec};
+use crate::resources::{AgentRunSpec, AgentRunStatus, AgentSpec, DelegationGrantSpec, RunEnvVar};
 
 fn t(s: &str) -> Timestamp {
     s.parse().unwrap()
@@ -36,7 +36,7 @@ fn agent(name: &str, scopes: &[&str], audiences: &[&str]) -> Agent {
             scopes: strings(scopes),
             audiences: strings(audiences),
             max_token_ttl: "15m".into(),
-            images: strings(&["registry.example.com/agents/*"]),
+            template: json!({"spec": {"containers": [{"name": "agent", "image": "registry.example.com/agents/gdpr@sha256:abc"}]}}),
             automount_service_account_token: false,
         },
         status: None,
@@ -78,9 +78,8 @@ fn run(name: &str, scopes: &[&str]) -> AgentRun {
             token_ttl: Some("10m".into()),
             max_duration: "1h".into(),
             parent_run: None,
-            template: Some(
-                json!({"spec": {"containers": [{"name": "agent", "image": "registry.example.com/agents/gdpr@sha256:abc"}]}}),
-            ),
+            args: vec![],
+            env: vec![],
         },
         status: None,
     }
@@ -101,7 +100,7 @@ fn decide(c: &Case) -> Decision {
         grants: &c.grants,
         parent: c.parent.as_ref(),
         now: now(),
-        policy: &Policy::default(),
+        policy: &Policy { deputy_namespace: Some("deputy-system".into()), ..Policy::default() },
     })
 }
 
@@ -272,16 +271,14 @@ fn refusals() {
     deleting_agent.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
     let mut bad_deny = grant("d", Effect::Deny, &["compliance:audit"], &[]);
     bad_deny.spec.expires_at = Some("tomorrow".into());
-    let mut bad_image = run("r", &["compliance:audit"]);
-    bad_image.spec.template = Some(json!({"spec": {"containers": [{"name": "a", "image": "docker.io/evil:latest"}]}}));
-    let mut bad_init_image = run("r", &["compliance:audit"]);
-    bad_init_image.spec.template = Some(json!({"spec": {
-        "initContainers": [{"name": "i", "image": "docker.io/evil:latest"}],
-        "containers": [{"name": "a", "image": "registry.example.com/agents/x"}]}}));
-    let mut no_template = run("r", &["compliance:audit"]);
-    no_template.spec.template = None;
-    let mut no_containers = run("r", &["compliance:audit"]);
-    no_containers.spec.template = Some(json!({"spec": {"containers": []}}));
+    let mut deputy_env = run("r", &["compliance:audit"]);
+    deputy_env.spec.env = vec![RunEnvVar { name: "DEPUTY_TOKEN_FILE".into(), value: "/etc/shadow".into() }];
+    let mut in_deputy_ns = run("r", &["compliance:audit"]);
+    in_deputy_ns.metadata.namespace = Some("deputy-system".into());
+    let mut no_containers = gdpr_agent();
+    no_containers.spec.template = json!({"spec": {"containers": []}});
+    let mut no_template = gdpr_agent();
+    no_template.spec.template = json!({});
     let mut bad_ttl = run("r", &["compliance:audit"]);
     bad_ttl.spec.token_ttl = Some("ten minutes".into());
     let mut bad_duration = run("r", &["compliance:audit"]);
@@ -290,8 +287,6 @@ fn refusals() {
     wrong_aud.spec.audiences = strings(&["payments-service"]);
     let mut bad_agent = gdpr_agent();
     bad_agent.spec.scopes = strings(&["*"]);
-    let mut no_images = gdpr_agent();
-    no_images.spec.images = vec![];
 
     let ok_grants = || vec![allow("g", &["compliance:*"])];
     let table: Vec<(Case, Reason)> = vec![
@@ -368,14 +363,16 @@ fn refusals() {
             ),
             Reason::NoAudienceGranted,
         ),
-        (case("image not allowed", bad_image, gdpr_agent(), ok_grants()), Reason::ImageNotAllowed),
-        (case("init container image not allowed", bad_init_image, gdpr_agent(), ok_grants()), Reason::ImageNotAllowed),
+        (case("a DEPUTY_* env", deputy_env, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
+        (case("in Deputy's namespace", in_deputy_ns, gdpr_agent(), ok_grants()), Reason::ReservedNamespace),
         (
-            case("agent allows no image", run("r", &["compliance:audit"]), no_images, ok_grants()),
-            Reason::ImageNotAllowed,
+            case("agent template without containers", run("r", &["compliance:audit"]), no_containers, ok_grants()),
+            Reason::InvalidAgent,
         ),
-        (case("no template", no_template, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
-        (case("no containers", no_containers, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
+        (
+            case("agent without a template", run("r", &["compliance:audit"]), no_template, ok_grants()),
+            Reason::InvalidAgent,
+        ),
         (case("malformed tokenTTL", bad_ttl, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
         (case("malformed maxDuration", bad_duration, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
         (case("malformed scope", run("r", &["compliance:*:audit"]), gdpr_agent(), ok_grants()), Reason::InvalidSpec),
@@ -684,16 +681,6 @@ fn depth_is_enforced_along_the_whole_chain() {
 }
 
 #[test]
-fn image_patterns() {
-    let pats = strings(&["registry.example.com/agents/gdpr@sha256:*", "docker.io/library/busybox:1.36"]);
-    assert!(image_allowed("registry.example.com/agents/gdpr@sha256:abc", &pats));
-    assert!(image_allowed("docker.io/library/busybox:1.36", &pats));
-    assert!(!image_allowed("docker.io/library/busybox:1.37", &pats));
-    assert!(!image_allowed("registry.example.com/agents/gdpr:latest", &pats));
-    assert!(!image_allowed("anything", &[]));
-}
-
-#[test]
 fn reasons_are_bounded_and_named() {
     use std::collections::HashSet;
     let all = [
@@ -708,7 +695,7 @@ fn reasons_are_bounded_and_named() {
         Reason::InvalidDenyGrant,
         Reason::NoScopesGranted,
         Reason::NoAudienceGranted,
-        Reason::ImageNotAllowed,
+        Reason::ReservedNamespace,
         Reason::ParentNotFound,
         Reason::ParentNotActive,
         Reason::ParentPrincipalMismatch,

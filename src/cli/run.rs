@@ -114,6 +114,7 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         max_token_ttl: dur("max-token-ttl", &args.max_token_ttl)?,
         default_token_ttl: dur("default-token-ttl", &args.default_token_ttl)?,
         max_run_duration: dur("max-run-duration", &args.max_run_duration)?,
+        deputy_namespace: Some(args.namespace.clone()),
     };
     let rotation = dur("key-rotation", &args.key_rotation)?;
     // A retired key stays published this long: the longest token plus the verifiers' leeway.

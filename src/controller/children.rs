@@ -228,8 +228,10 @@ pub fn env(cfg: &ChildConfig) -> Vec<EnvVar> {
     ]
 }
 
-/// The run's pod, from `spec.template` with Deputy's parts set: service account, projected
-/// token volume, environment, `activeDeadlineSeconds` and a restart policy that ends.
+/// The run's pod, from the Agent's `spec.template` with Deputy's parts set: service account,
+/// projected token volume, environment, `activeDeadlineSeconds` and a restart policy that
+/// ends. The run contributes only `args` and plain `env` for the first container: nothing a
+/// run says can add a volume, host access, a security context or a container.
 pub fn desired_pod(
     run: &AgentRun,
     agent: &Agent,
@@ -237,10 +239,9 @@ pub fn desired_pod(
     cfg: &ChildConfig,
     now: Timestamp,
 ) -> Result<Pod, TemplateError> {
-    let raw = run.spec.template.clone().ok_or_else(|| TemplateError("spec.template is required".into()))?;
-    let template: PodTemplateSpec = serde_json::from_value(raw)
-        .map_err(|e| TemplateError(format!("spec.template is not a PodTemplateSpec: {e}")))?;
-    let mut spec = template.spec.ok_or_else(|| TemplateError("spec.template.spec is required".into()))?;
+    let template: PodTemplateSpec = serde_json::from_value(agent.spec.template.clone())
+        .map_err(|e| TemplateError(format!("the Agent's spec.template is not a PodTemplateSpec: {e}")))?;
+    let mut spec = template.spec.ok_or_else(|| TemplateError("the Agent's spec.template.spec is required".into()))?;
     let tmeta = template.metadata.unwrap_or_default();
 
     match spec.restart_policy.as_deref() {
@@ -248,7 +249,7 @@ pub fn desired_pod(
         Some("Never" | "OnFailure") => {}
         Some(other) => {
             return Err(TemplateError(format!(
-                "spec.template.spec.restartPolicy {other:?} is not allowed: a run's pod must end (use Never or OnFailure)"
+                "the Agent's spec.template.spec.restartPolicy {other:?} is not allowed: a run's pod must end (use Never or OnFailure)"
             )));
         }
     }
@@ -291,6 +292,28 @@ pub fn desired_pod(
         }),
         ..Default::default()
     });
+
+    // The run's part: args and plain env for the agent container (the first).
+    let first =
+        spec.containers.first_mut().ok_or_else(|| TemplateError("the Agent's template has no container".into()))?;
+    if !run.spec.args.is_empty() {
+        first.args = Some(run.spec.args.clone());
+    }
+    if !run.spec.env.is_empty() {
+        let set = first.env.get_or_insert_with(Vec::new);
+        for e in &run.spec.env {
+            if e.name.starts_with("DEPUTY_") {
+                return Err(TemplateError(format!("spec.env: {:?} is reserved for Deputy", e.name)));
+            }
+            if set.iter().any(|t| t.name == e.name) {
+                return Err(TemplateError(format!(
+                    "spec.env: {:?} is set by the Agent and may not be changed",
+                    e.name
+                )));
+            }
+            set.push(EnvVar { name: e.name.clone(), value: Some(e.value.clone()), value_from: None });
+        }
+    }
 
     let our_env = env(cfg);
     let mount = VolumeMount {

@@ -6,14 +6,14 @@ use serde_json::json;
 
 use super::*;
 use crate::authorization::Authorization;
-use crate::resources::{AgentRunSpec, AgentSpec};
+use crate::resources::{AgentRunSpec, AgentSpec, RunEnvVar};
 use crate::scope::Scope;
 
 fn now() -> Timestamp {
     "2026-11-23T12:00:00Z".parse().unwrap()
 }
 
-fn run(template: serde_json::Value) -> AgentRun {
+fn run() -> AgentRun {
     AgentRun {
         metadata: ObjectMeta {
             name: Some("gdpr-check-q4".into()),
@@ -30,13 +30,18 @@ fn run(template: serde_json::Value) -> AgentRun {
             token_ttl: None,
             max_duration: "1h".into(),
             parent_run: None,
-            template: Some(template),
+            args: vec![],
+            env: vec![],
         },
         status: None,
     }
 }
 
 fn agent(automount: bool) -> Agent {
+    agent_with(template(), automount)
+}
+
+fn agent_with(template: serde_json::Value, automount: bool) -> Agent {
     Agent {
         metadata: ObjectMeta { name: Some("gdpr".into()), namespace: Some("marketing".into()), ..Default::default() },
         spec: AgentSpec {
@@ -44,7 +49,7 @@ fn agent(automount: bool) -> Agent {
             scopes: vec!["a:*".into()],
             audiences: vec!["svc".into()],
             max_token_ttl: "15m".into(),
-            images: vec!["img".into()],
+            template,
             automount_service_account_token: automount,
         },
         status: None,
@@ -101,7 +106,7 @@ fn names_are_deterministic_and_bounded() {
 
 #[test]
 fn service_account_has_no_api_token_unless_the_agent_says_so() {
-    let r = run(template());
+    let r = run();
     let sa = desired_service_account(&r, &agent(false), &auth());
     assert_eq!(sa.metadata.name.as_deref(), Some("deputy-run-gdpr-check-q4"));
     assert_eq!(sa.automount_service_account_token, Some(false));
@@ -113,7 +118,7 @@ fn service_account_has_no_api_token_unless_the_agent_says_so() {
 
 #[test]
 fn secret_holds_token_and_run_json() {
-    let r = run(template());
+    let r = run();
     let info = RunInfo {
         issuer: "i",
         token_endpoint: "e",
@@ -140,7 +145,7 @@ fn secret_holds_token_and_run_json() {
 
 #[test]
 fn pod_gets_identity_volume_env_and_deadline() {
-    let r = run(template());
+    let r = run();
     let pod = desired_pod(&r, &agent(false), &auth(), &cfg(), now()).unwrap();
     let spec = pod.spec.unwrap();
     assert_eq!(spec.service_account_name.as_deref(), Some("deputy-run-gdpr-check-q4"), "the template's SA is replaced");
@@ -189,14 +194,14 @@ fn templates_that_cannot_be_honoured_are_refused() {
         ("no spec", json!({"metadata": {}})),
     ];
     for (name, t) in cases {
-        assert!(desired_pod(&run(t), &agent(false), &auth(), &cfg(), now()).is_err(), "{name}");
+        assert!(desired_pod(&run(), &agent_with(t, false), &auth(), &cfg(), now()).is_err(), "{name}");
     }
 }
 
 #[test]
 fn a_shorter_own_deadline_is_kept() {
     let t = json!({"spec": {"activeDeadlineSeconds": 60, "containers": [{"name": "a", "image": "img"}]}});
-    let pod = desired_pod(&run(t), &agent(false), &auth(), &cfg(), now()).unwrap();
+    let pod = desired_pod(&run(), &agent_with(t, false), &auth(), &cfg(), now()).unwrap();
     assert_eq!(pod.spec.unwrap().active_deadline_seconds, Some(60));
 }
 
@@ -250,11 +255,36 @@ fn pod_end_maps_phase_and_deletion_to_the_run_outcome() {
 
 #[test]
 fn owned_by_needs_the_runs_uid() {
-    let r = run(json!({"spec": {"containers": []}}));
+    let r = run();
     assert!(owned_by(&pod("Running", false, "uid-1"), &r));
     // A pod of the same name left by an earlier run of that name is not this run's.
     assert!(!owned_by(&pod("Running", false, "uid-0"), &r));
     let mut no_uid = r.clone();
     no_uid.metadata.uid = None;
     assert!(!owned_by(&pod("Running", false, ""), &no_uid));
+}
+
+#[test]
+fn a_run_adds_only_args_and_plain_env_to_the_agents_first_container() {
+    let mut r = run();
+    r.spec.args = vec!["--campaign".into(), "q4".into()];
+    r.spec.env = vec![RunEnvVar { name: "CAMPAIGN".into(), value: "q4".into() }];
+    let a = agent(false);
+    let pod = desired_pod(&r, &a, &auth(), &cfg(), now()).unwrap();
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.containers.len(), 1);
+    assert_eq!(spec.containers[0].args.as_deref(), Some(&["--campaign".to_string(), "q4".to_string()][..]));
+    let env = spec.containers[0].env.as_ref().unwrap();
+    assert!(env.iter().any(|e| e.name == "CAMPAIGN" && e.value.as_deref() == Some("q4") && e.value_from.is_none()));
+    assert!(spec.init_containers.unwrap()[0].env.as_ref().unwrap().iter().all(|e| e.name != "CAMPAIGN"));
+    // Only the Agent's volumes and Deputy's.
+    let volumes: Vec<String> = spec.volumes.unwrap().into_iter().map(|v| v.name).collect();
+    assert_eq!(volumes, [VOLUME_NAME]);
+
+    for (name, bad) in [("DEPUTY_TOKEN_FILE", "reserved for Deputy"), ("KEEP", "set by the Agent")] {
+        let mut r = run();
+        r.spec.env = vec![RunEnvVar { name: name.into(), value: "/tmp/forged".into() }];
+        let err = desired_pod(&r, &a, &auth(), &cfg(), now()).unwrap_err();
+        assert!(err.to_string().contains(bad), "{name}: {err}");
+    }
 }

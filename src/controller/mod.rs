@@ -492,11 +492,11 @@ fn detach<T: Send + 'static>(mut stream: WatchStream<T>, shrink: fn(T) -> T) -> 
 
 /// What the controller needs of a run that changed: which run it is (and its parent). The
 /// reconcile itself reads the whole run from the cache, so the queue between the cache and a
-/// busy controller need not hold the pod template and status of every version it passes on.
+/// busy controller need not hold the args, env and status of every version it passes on.
 fn run_trigger(run: AgentRun) -> AgentRun {
     let AgentRun { mut metadata, spec, .. } = run;
     keep_identity(&mut metadata);
-    AgentRun { metadata, spec: crate::resources::AgentRunSpec { template: None, ..spec }, status: None }
+    AgentRun { metadata, spec: crate::resources::AgentRunSpec { args: vec![], env: vec![], ..spec }, status: None }
 }
 
 fn split<T: Clone + Send + 'static>(stream: WatchStream<T>) -> (WatchStream<T>, WatchStream<T>) {
@@ -523,20 +523,20 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn a_run_trigger_names_the_same_run_and_carries_no_template_or_status() {
+    fn a_run_trigger_names_the_same_run_and_carries_no_args_env_or_status() {
         let run: AgentRun = serde_json::from_value(json!({
             "apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
             "metadata": {"name": "r1", "namespace": "ns", "uid": "u1", "resourceVersion": "7",
                          "labels": {"a": "b"}, "finalizers": ["deputy.dev/cleanup"]},
             "spec": {"agent": "a", "principal": "alice@example.com", "task": "t", "scopes": ["x:y"],
                      "audiences": ["svc"], "maxDuration": "1h", "parentRun": "p1",
-                     "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}},
+                     "args": ["--long"], "env": [{"name": "E", "value": "v"}]},
             "status": {"phase": "Running"},
         }))
         .unwrap();
         let t = run_trigger(run.clone());
         assert_eq!(ObjectRef::from_obj(&t), ObjectRef::from_obj(&run));
         assert_eq!(t.spec.parent_run.as_deref(), Some("p1"));
-        assert!(t.spec.template.is_none() && t.status.is_none() && t.metadata.labels.is_none());
+        assert!(t.spec.args.is_empty() && t.spec.env.is_empty() && t.status.is_none() && t.metadata.labels.is_none());
     }
 }

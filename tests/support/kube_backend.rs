@@ -309,3 +309,27 @@ impl Fault {
         policies.delete(&self.name, &DeleteParams::default()).await.unwrap();
     }
 }
+
+/// A Role letting the example's users and orchestrators manage runs and grants in `ns`, as a
+/// platform team would bind them.
+pub async fn let_users_manage_runs(client: &Client, ns: &str) {
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "deputy-users", "namespace": ns},
+        "rules": [{"apiGroups": ["deputy.dev"], "resources": ["agentruns", "delegationgrants"],
+                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "deputy-users", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deputy-users"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:users"},
+                     {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:orchestrators"}],
+    });
+    apply(client, &role).await;
+    apply(client, &binding).await;
+}
+
+pub async fn user_client(cp: &ControlPlane, name: &str) -> Client {
+    super::client_for(&cp.user(name).unwrap().kubeconfig).await
+}

@@ -517,3 +517,37 @@ where
 {
     api.get_opt(name).await.unwrap().is_some()
 }
+
+/// What an API server said when it refused a request: (HTTP status, message).
+pub type Refusal = (u16, String);
+
+/// Sends a raw request; an API error becomes its (status, message).
+pub async fn send(client: &Client, req: http::Request<Vec<u8>>) -> Result<Value, Refusal> {
+    match client.request::<Value>(req).await {
+        Ok(v) => Ok(v),
+        Err(kube::Error::Api(s)) => Err((s.code, s.message)),
+        Err(e) => panic!("request failed without an API answer: {e}"),
+    }
+}
+
+/// The collection URL of a Deputy object (`deputy.dev/v1alpha1`, namespaced).
+pub fn collection(obj: &Value) -> String {
+    let plural = match obj["kind"].as_str().unwrap() {
+        "Agent" => "agents",
+        "DelegationGrant" => "delegationgrants",
+        "AgentRun" => "agentruns",
+        other => panic!("not a Deputy kind: {other}"),
+    };
+    format!("/apis/deputy.dev/v1alpha1/namespaces/{}/{plural}", obj["metadata"]["namespace"].as_str().unwrap())
+}
+
+/// POSTs a Deputy object as a client would: with `fieldValidation=Strict` (as `kubectl apply
+/// --validate=strict`), or without (the API server's default: unknown fields are pruned).
+pub async fn create_object(client: &Client, obj: &Value, strict: bool) -> Result<Value, Refusal> {
+    let query = if strict { "?fieldValidation=Strict" } else { "" };
+    let req = http::Request::post(format!("{}{query}", collection(obj)))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(obj).unwrap())
+        .unwrap();
+    send(client, req).await
+}

@@ -1,0 +1,151 @@
+//! A hostile tenant against a live `deputy run`, on both backends: creating an AgentRun must
+//! never give more than its creator could do without Deputy. Each test reproduces one finding
+//! of the adversarial review (issue 16) and shows it refused.
+//!
+//! On the real control plane the attacker is `bob@example.com`, a non-admin user who may create
+//! runs and grants in the test namespace; on the test API server (no users, no RBAC) the same
+//! requests are made by its only client.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use deputy_controlplane::BOB;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use serde_json::{Value, json};
+use support::{Env, create_object, kube_backend};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Bob's client: a non-admin user on the real control plane.
+async fn bob(env: &Env) -> Client {
+    match env.cluster {
+        Some(cp) => {
+            kube_backend::let_users_manage_runs(&env.client, &env.ns).await;
+            kube_backend::user_client(cp, BOB).await
+        }
+        None => env.client.clone(),
+    }
+}
+
+/// Bob's standing consent for the GDPR agent, and the example's Agent.
+async fn bobs_grant(env: &Env, bob: &Client) {
+    env.apply_example("gdpr-compliance.yaml").await;
+    let grant = json!({
+        "apiVersion": "deputy.dev/v1alpha1", "kind": "DelegationGrant",
+        "metadata": {"name": "bob-gdpr", "namespace": env.ns},
+        "spec": {"principal": BOB, "agent": "gdpr-compliance-agent",
+                 "scopes": ["compliance:privacy:check"], "audiences": ["gdpr-compliance-service"]},
+    });
+    create_object(bob, &grant, true).await.expect("Bob writes his own grant");
+}
+
+fn bobs_run(env: &Env, name: &str) -> Value {
+    json!({
+        "apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
+        "metadata": {"name": name, "namespace": env.ns},
+        "spec": {"agent": "gdpr-compliance-agent", "principal": BOB, "task": "look around",
+                 "scopes": ["compliance:privacy:check"], "audiences": ["gdpr-compliance-service"],
+                 "maxDuration": "1h"},
+    })
+}
+
+/// Finding 1 (critical): the run's pod template was a pod spec the operator created with its
+/// own rights. Bob's run asks for Alice's run-token Secret, the host's root, privileges, host
+/// namespaces, a node, a long-lived Kubernetes API token and another ServiceAccount; the pod
+/// Deputy creates is the Agent's, with nothing of that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cannot_add_volumes_host_access_or_identity_to_the_agents_pod() {
+    let env = Env::start().await;
+    let bob = bob(&env).await;
+    bobs_grant(&env, &bob).await;
+    env.wait_phase("gdpr-check-q4", "Authorized", T).await;
+
+    let attack = json!({"spec": {
+        "serviceAccountName": "default",
+        "automountServiceAccountToken": true,
+        "hostPID": true, "hostNetwork": true, "hostIPC": true,
+        "nodeName": "node-1",
+        "volumes": [
+            {"name": "alice", "secret": {"secretName": "deputy-run-gdpr-check-q4"}},
+            {"name": "root", "hostPath": {"path": "/"}},
+            {"name": "kube", "projected": {"sources": [{"serviceAccountToken": {"path": "t", "expirationSeconds": 86400}}]}},
+        ],
+        "containers": [{
+            "name": "agent", "image": "docker.io/library/busybox:1.36",
+            "securityContext": {"privileged": true},
+            "envFrom": [{"secretRef": {"name": "deputy-run-gdpr-check-q4"}}],
+            "volumeMounts": [{"name": "alice", "mountPath": "/alice"}, {"name": "root", "mountPath": "/host"}],
+        }],
+    }});
+    let mut run = bobs_run(&env, "bob-attack");
+    run["spec"]["template"] = attack.clone();
+    run["spec"]["volumes"] = attack["spec"]["volumes"].clone();
+    run["spec"]["serviceAccountName"] = json!("default");
+    // Without strict validation (the API server's default), as a careless or hostile client sends it.
+    create_object(&bob, &run, false).await.expect("the run is accepted; its unknown fields are not");
+    env.wait_phase("bob-attack", "Authorized", T).await;
+
+    let pod: Pod = env.api().get("deputy-run-bob-attack").await.unwrap();
+    let spec = pod.spec.unwrap();
+    let agent: Value = serde_json::to_value(env.agents().get("gdpr-compliance-agent").await.unwrap()).unwrap();
+    let template = &agent["spec"]["template"]["spec"];
+    assert_eq!(spec.service_account_name.as_deref(), Some("deputy-run-bob-attack"));
+    assert_eq!(spec.automount_service_account_token, Some(false), "as the Agent says");
+    assert_eq!((spec.host_pid, spec.host_network, spec.host_ipc), (None, None, None));
+    assert_eq!(spec.node_name, None);
+    let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    assert_eq!(volumes, ["deputy-token"], "only Deputy's own volume");
+    assert_eq!(spec.containers.len(), 1);
+    let c = &spec.containers[0];
+    assert_eq!(Some(c.image.clone().unwrap_or_default().as_str()), template["containers"][0]["image"].as_str());
+    assert_eq!(c.command.as_ref().map(|v| json!(v)), Some(template["containers"][0]["command"].clone()));
+    assert!(c.security_context.is_none(), "no privileges");
+    assert!(c.env_from.is_none(), "no Secret through envFrom");
+    let mounts: Vec<&str> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    assert_eq!(mounts, ["/var/run/secrets/deputy.dev"]);
+}
+
+/// A run may set plain env for its agent, never Deputy's own variables: refused by the CRD on
+/// a real API server, and Denied by Deputy where nothing validates (the test API server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cannot_set_deputys_environment() {
+    let env = Env::start().await;
+    let bob = bob(&env).await;
+    bobs_grant(&env, &bob).await;
+    let mut run = bobs_run(&env, "bob-env");
+    run["spec"]["env"] = json!([{"name": "DEPUTY_TOKEN_FILE", "value": "/tmp/forged"}]);
+    match create_object(&bob, &run, false).await {
+        Err((422, msg)) if env.cluster.is_some() => {
+            assert!(msg.contains("DEPUTY_* environment variables are reserved for Deputy"), "{msg}")
+        }
+        Ok(_) if env.cluster.is_none() => {
+            let denied = env.wait_phase("bob-env", "Denied", T).await;
+            let st = denied.status.unwrap();
+            assert_eq!(st.reason.as_deref(), Some("InvalidSpec"));
+            assert!(st.message.unwrap_or_default().contains("reserved for Deputy"));
+        }
+        other => panic!("a DEPUTY_* env was not refused: {other:?}"),
+    }
+}
+
+/// Runs in Deputy's own namespace are refused: the signing keys live there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_in_deputys_own_namespace_are_refused() {
+    let env = Env::start().await;
+    let mut run = bobs_run(&env, "in-deputy-ns");
+    run["metadata"]["namespace"] = json!(env.operator_ns);
+    // The admin creates it (no tenant may write there at all; this is the last line).
+    create_object(&env.client, &run, true).await.unwrap();
+    let runs: kube::Api<deputy::resources::AgentRun> = kube::Api::namespaced(env.client.clone(), &env.operator_ns);
+    let denied = support::wait_until(T, || async {
+        runs.get("in-deputy-ns").await.ok().and_then(|r| r.status).and_then(|s| s.reason).as_deref()
+            == Some("ReservedNamespace")
+    })
+    .await;
+    assert!(denied, "a run in Deputy's namespace is Denied: {:?}", runs.get("in-deputy-ns").await.unwrap().status);
+    let pods: kube::Api<Pod> = kube::Api::namespaced(env.client.clone(), &env.operator_ns);
+    assert!(pods.get_opt("deputy-run-in-deputy-ns").await.unwrap().is_none(), "no pod there");
+}
