@@ -69,10 +69,27 @@ pub struct Input<'a, G: Borrow<DelegationGrant> = DelegationGrant> {
     pub agent: Option<&'a Agent>,
     /// The DelegationGrants of the run's namespace (any principal/agent; the engine filters).
     pub grants: &'a [G],
-    /// The parent run named by `spec.parentRun`, if it exists.
-    pub parent: Option<&'a AgentRun>,
+    /// The parent run named by `spec.parentRun`, if it exists, with its own decision.
+    pub parent: Option<Parent<'a>>,
     pub now: Timestamp,
     pub policy: &'a Policy,
+}
+
+/// A sub-agent's parent: the run (its principal, and whether it is live) and its decision,
+/// recomputed the same way up the chain. Nothing of the parent's status is read as authority.
+#[derive(Clone, Copy, Debug)]
+pub struct Parent<'a> {
+    pub run: &'a AgentRun,
+    pub decision: &'a Decision,
+}
+
+/// Whether a run is live by its own record: active phase, never completed or revoked, not
+/// being deleted. A status that went back from an end to an active phase is not live.
+pub fn is_live_record(run: &AgentRun) -> bool {
+    let s = run.status.as_ref();
+    run.metadata.deletion_timestamp.is_none()
+        && s.and_then(|s| s.phase).is_some_and(RunPhase::is_active)
+        && s.is_some_and(|s| s.completed_at.is_none() && s.revoked_at.is_none())
 }
 
 /// A machine-readable reason for a refusal. `as_str` is what appears in status, Events,
@@ -365,33 +382,47 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         let Some(parent) = parent else {
             return deny(Reason::ParentNotFound, format!("parent run {parent_name:?} does not exist"));
         };
-        let pstatus = parent.status.clone().unwrap_or_default();
-        match pstatus.phase.unwrap_or(RunPhase::Pending) {
-            RunPhase::Pending => {
-                return deny(Reason::ParentPending, format!("parent run {parent_name:?} is not authorised yet"));
-            }
-            p if !p.is_active() => {
-                return deny(Reason::ParentNotActive, format!("parent run {parent_name:?} is not active"));
-            }
-            _ => {}
+        let phase = parent.run.status.as_ref().and_then(|s| s.phase).unwrap_or(RunPhase::Pending);
+        let ended = parent.run.metadata.deletion_timestamp.is_some()
+            || parent.run.status.as_ref().is_some_and(|s| s.completed_at.is_some() || s.revoked_at.is_some());
+        if phase == RunPhase::Pending && !ended {
+            return deny(Reason::ParentPending, format!("parent run {parent_name:?} is not authorised yet"));
         }
-        if parent.spec.principal != spec.principal {
+        if !is_live_record(parent.run) {
+            return deny(Reason::ParentNotActive, format!("parent run {parent_name:?} is not active"));
+        }
+        if parent.run.spec.principal != spec.principal {
             return deny(
                 Reason::ParentPrincipalMismatch,
-                format!("parent run {parent_name:?} acts for {:?}, not {:?}", parent.spec.principal, spec.principal),
+                format!(
+                    "parent run {parent_name:?} acts for {:?}, not {:?}",
+                    parent.run.spec.principal, spec.principal
+                ),
             );
         }
-        let remaining = pstatus.remaining_delegation_depth.unwrap_or(0);
-        if remaining == 0 {
+        let pa = match parent.decision {
+            Decision::Authorized(a) => a,
+            Decision::Denied(r) => {
+                return deny(
+                    Reason::ParentNotActive,
+                    format!("parent run {parent_name:?} no longer holds authority ({})", r.reason.as_str()),
+                );
+            }
+        };
+        if pa.remaining_delegation_depth == 0 {
             return deny(
                 Reason::DelegationDepthExceeded,
                 format!("parent run {parent_name:?} may not delegate further (maxDelegationDepth reached)"),
             );
         }
-        let pscopes = scope::parse_all(&pstatus.granted_scopes).unwrap_or_default();
-        let pttl = pstatus.token_ttl.as_deref().and_then(|t| duration::parse(t).ok());
-        parent_bounds =
-            Some((pscopes, pstatus.granted_audiences, pttl, pstatus.deadline, remaining - 1, pstatus.delegation_chain));
+        parent_bounds = Some((
+            pa.scopes.clone(),
+            pa.audiences.clone(),
+            Some(pa.token_ttl),
+            Some(pa.deadline),
+            pa.remaining_delegation_depth - 1,
+            pa.delegation_chain.clone(),
+        ));
     }
 
     // 4. Grants for (principal, agent).
@@ -508,7 +539,9 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         allows.iter().filter(|g| effective.iter().any(|e| g.scopes.iter().any(|s| e.overlaps(s)))).collect();
 
     // 6./7. Lifetimes.
-    let started_at = run.status.as_ref().and_then(|s| s.started_at).unwrap_or(now);
+    // The deadline counts from the run's creation, which no tenant can move (a status can be
+    // written by anyone allowed to write it, so it is never read here).
+    let started_at = run.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
     let mut ttl = run_ttl.unwrap_or(policy.default_token_ttl).min(agent_ttl).min(policy.max_token_ttl);
     let mut deadline = add(started_at, max_duration.min(policy.max_run_duration));
     let mut depth = u32::MAX;

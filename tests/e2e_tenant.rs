@@ -149,3 +149,94 @@ async fn runs_in_deputys_own_namespace_are_refused() {
     let pods: kube::Api<Pod> = kube::Api::namespaced(env.client.clone(), &env.operator_ns);
     assert!(pods.get_opt("deputy-run-in-deputy-ns").await.unwrap().is_none(), "no pod there");
 }
+
+fn claims(token: &str) -> Value {
+    deputy::tokens::verify::peek_claims(token).unwrap()
+}
+
+/// Patches a run's status as anyone allowed to write `agentruns/status` could.
+async fn forge_status(env: &Env, run: &str, status: Value) {
+    let runs = env.runs();
+    runs.patch_status(run, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&json!({"status": status})))
+        .await
+        .unwrap();
+}
+
+/// Finding 3 (high): status was trusted as authority. A status claiming a 999999h TTL, a 2099
+/// deadline, another identity and chain, and a token due for rotation: the next token is minted
+/// from the decision (the grant's 10m, the run's real identity), and the status is corrected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_status_is_never_read_back_as_authority() {
+    let env = Env::start().await;
+    env.apply_example("gdpr-compliance.yaml").await;
+    let before = env.wait_phase("gdpr-check-q4", "Authorized", T).await.status.unwrap();
+    let identity = before.identity.clone().unwrap();
+    forge_status(
+        &env,
+        "gdpr-check-q4",
+        json!({
+            "tokenTTL": "999999h", "deadline": "2099-01-01T00:00:00Z",
+            "identity": "spiffe://evil.example/run/x",
+            "delegationChain": ["alice@example.com", "spiffe://evil.example/run/x"],
+            "remainingDelegationDepth": 8,
+            "grantedScopes": ["compliance:*", "payments:*"],
+            // Due for rotation now.
+            "tokenIssuedAt": "2020-01-01T00:00:00Z", "tokenExpiresAt": "2020-01-01T00:10:00Z",
+        }),
+    )
+    .await;
+    let rotated =
+        env.wait_run("gdpr-check-q4", T, |r| r.status.as_ref().is_some_and(|s| s.rotations >= 1)).await.status.unwrap();
+    let token = env.run_token("gdpr-check-q4").await.unwrap();
+    let c = claims(&token);
+    let lifetime = c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap();
+    assert!(lifetime <= 600, "the grant's 10m bounds the token, not the status: {lifetime}s");
+    assert_eq!(c["act"]["sub"], json!(identity), "the run's own identity: {c}");
+    assert!(c["act"].get("act").is_none(), "no forged chain: {c}");
+    assert_eq!(c["scope"], "compliance:audit:cross_dept compliance:privacy:check");
+    // The status reports the decision again.
+    assert_eq!(rotated.identity.as_deref(), Some(identity.as_str()));
+    assert_eq!(rotated.token_ttl.as_deref(), Some("10m"));
+    assert!(rotated.deadline.unwrap() < "2030-01-01T00:00:00Z".parse().unwrap());
+    assert_eq!(rotated.remaining_delegation_depth, Some(0));
+}
+
+/// Finding 3: patching an ended run's phase back to Authorized made its old tokens work again,
+/// and Deputy re-created its pod, ServiceAccount and Secret. Now the run stays ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_run_stays_ended_whatever_its_status_is_patched_to() {
+    let env = Env::start().await;
+    env.apply_example("gdpr-compliance.yaml").await;
+    env.wait_phase("gdpr-check-q4", "Authorized", T).await;
+    let token = env.run_token("gdpr-check-q4").await.unwrap();
+    env.set_pod_phase("deputy-run-gdpr-check-q4", "Succeeded").await;
+    env.wait_run("gdpr-check-q4", T, |r| r.status.as_ref().is_some_and(|s| s.revoked_at.is_some())).await;
+
+    forge_status(&env, "gdpr-check-q4", json!({"phase": "Authorized", "reason": "Authorized"})).await;
+    // The token endpoint refuses its tokens at once (completedAt and revokedAt still say it ended).
+    let caller = env.resource_server_token().await;
+    let (status, body) = env.post("/introspect", &[("token", &token)], Some(&caller)).await;
+    assert_eq!((status, &body["active"]), (200, &json!(false)), "{body}");
+    // Deputy puts the run back to an end, says why, and creates nothing for it.
+    let back = env
+        .wait_run("gdpr-check-q4", T, |r| {
+            r.status.as_ref().is_some_and(|s| s.reason.as_deref() == Some("StatusTampered"))
+        })
+        .await;
+    assert_eq!(back.status.unwrap().phase, Some(deputy::resources::RunPhase::Revoked));
+    assert!(env.run_token("gdpr-check-q4").await.is_none(), "no Secret again");
+    let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> = env.api();
+    assert!(sas.get_opt("deputy-run-gdpr-check-q4").await.unwrap().is_none(), "no ServiceAccount again");
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> = env.api();
+    let seen = support::wait_until(T, || async {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("StatusTampered"))
+    })
+    .await;
+    assert!(seen, "a StatusTampered Event");
+}

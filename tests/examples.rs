@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use deputy::authorization::{self, Decision, Input, Policy, Reason};
+use deputy::authorization::{self, Decision, Input, Parent, Policy, Reason};
 use deputy::resources::{self, Agent, AgentRun, AgentRunStatus, DelegationGrant, RunPhase};
 use serde_json::Value;
 
@@ -119,11 +119,15 @@ fn decide_all(now: jiff::Timestamp) -> BTreeMap<(String, String), (Decision, Age
     for (ns, mut n) in namespaces {
         // Parents before children.
         n.runs.sort_by_key(|r| r.spec.parent_run.is_some());
-        let mut decided: Vec<AgentRun> = vec![];
+        let mut decided: Vec<(AgentRun, Decision)> = vec![];
         for run in &n.runs {
             let agent = n.agents.iter().find(|a| a.metadata.name.as_deref() == Some(run.spec.agent.as_str()));
-            let parent =
-                run.spec.parent_run.as_ref().and_then(|p| decided.iter().find(|r| r.metadata.name.as_ref() == Some(p)));
+            let parent = run
+                .spec
+                .parent_run
+                .as_ref()
+                .and_then(|p| decided.iter().find(|(r, _)| r.metadata.name.as_ref() == Some(p)))
+                .map(|(run, decision)| Parent { run, decision });
             let d = authorization::authorize(Input { run, agent, grants: &n.grants, parent, now, policy: &policy });
             let mut recorded = run.clone();
             let mut status = AgentRunStatus::default();
@@ -135,7 +139,7 @@ fn decide_all(now: jiff::Timestamp) -> BTreeMap<(String, String), (Decision, Age
                 Decision::Denied(_) => status.phase = Some(RunPhase::Denied),
             }
             recorded.status = Some(status);
-            decided.push(recorded.clone());
+            decided.push((recorded.clone(), d.clone()));
             out.insert((ns.clone(), run.metadata.name.clone().unwrap()), (d, recorded));
         }
     }

@@ -90,7 +90,8 @@ struct Case {
     run: AgentRun,
     agent: Option<Agent>,
     grants: Vec<DelegationGrant>,
-    parent: Option<AgentRun>,
+    /// The parent run and its (recomputed) decision.
+    parent: Option<(AgentRun, Decision)>,
 }
 
 fn decide(c: &Case) -> Decision {
@@ -98,7 +99,7 @@ fn decide(c: &Case) -> Decision {
         run: &c.run,
         agent: c.agent.as_ref(),
         grants: &c.grants,
-        parent: c.parent.as_ref(),
+        parent: c.parent.as_ref().map(|(run, decision)| Parent { run, decision }),
         now: now(),
         policy: &Policy { deputy_namespace: Some("deputy-system".into()), ..Policy::default() },
     })
@@ -531,15 +532,32 @@ fn only_contributing_grants_bound_the_run() {
 }
 
 #[test]
-fn the_deadline_counts_from_the_recorded_start() {
+fn the_deadline_counts_from_creation_whatever_the_status_says() {
     let mut r = run("r", &["compliance:audit"]);
-    r.status = Some(AgentRunStatus { started_at: Some(now() - SignedDuration::from_mins(50)), ..Default::default() });
+    r.metadata.creation_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now() - SignedDuration::from_mins(50)));
+    // A status patched to claim a later start, a longer TTL, a later deadline, another
+    // identity, chain and depth: none of it is read.
+    r.status = Some(AgentRunStatus {
+        started_at: Some(now()),
+        token_ttl: Some("999999h".into()),
+        deadline: Some(t("2099-01-01T00:00:00Z")),
+        identity: Some("spiffe://evil/run/x".into()),
+        delegation_chain: strings(&["alice@example.com", "spiffe://evil/run/x"]),
+        remaining_delegation_depth: Some(8),
+        granted_scopes: strings(&["compliance:*", "payments:*"]),
+        ..Default::default()
+    });
     let Decision::Authorized(a) = decide(&case("restarted", r, gdpr_agent(), vec![allow("g", &["compliance:*"])]))
     else {
         panic!()
     };
     assert_eq!(a.started_at, now() - SignedDuration::from_mins(50));
     assert_eq!(a.deadline, now() + SignedDuration::from_mins(10));
+    assert_eq!(a.token_ttl, SignedDuration::from_mins(10));
+    assert_eq!(a.identity, "spiffe://cluster.local/ns/marketing/agent/gdpr/run/r");
+    assert_eq!(a.remaining_delegation_depth, 0);
+    assert_eq!(a.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>(), ["compliance:audit"]);
 }
 
 #[test]
@@ -559,24 +577,28 @@ fn identity_and_chain_of_a_top_level_run() {
     assert_eq!(a.audiences, vec!["svc"]);
 }
 
-/// A parent run as the controller would have recorded it.
-fn active_parent(remaining: u32, scopes: &[&str]) -> AgentRun {
+/// A live parent run, and the decision the controller recomputes for it. Its status holds
+/// only a phase: nothing else of it is read.
+fn active_parent(remaining: u32, scopes: &[&str]) -> (AgentRun, Decision) {
     let mut p = run("plan-7", scopes);
     p.spec.agent = "planner".into();
-    p.status = Some(AgentRunStatus {
-        phase: Some(RunPhase::Running),
-        granted_scopes: strings(scopes),
-        granted_audiences: strings(&["svc"]),
+    p.status = Some(AgentRunStatus { phase: Some(RunPhase::Running), ..Default::default() });
+    let decision = Decision::Authorized(Authorization {
+        identity: "spiffe://cluster.local/ns/marketing/agent/planner/run/plan-7".into(),
+        scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(),
+        audiences: strings(&["svc"]),
+        denied_scopes: vec![],
+        token_ttl: SignedDuration::from_mins(5),
+        started_at: now(),
+        deadline: now() + SignedDuration::from_mins(20),
+        grants: strings(&["g"]),
         delegation_chain: strings(&[
             "alice@example.com",
             "spiffe://cluster.local/ns/marketing/agent/planner/run/plan-7",
         ]),
-        remaining_delegation_depth: Some(remaining),
-        token_ttl: Some("5m".into()),
-        deadline: Some(now() + SignedDuration::from_mins(20)),
-        ..Default::default()
+        remaining_delegation_depth: remaining,
     });
-    p
+    (p, decision)
 }
 
 fn child() -> AgentRun {
@@ -619,21 +641,28 @@ fn sub_agent_refusals() {
         g.spec.max_delegation_depth = Some(1);
         vec![g]
     };
-    let mut ended = active_parent(1, &["compliance:*"]);
-    if let Some(s) = ended.status.as_mut() {
-        s.phase = Some(RunPhase::Succeeded);
-    }
-    let mut pending = active_parent(1, &["compliance:*"]);
-    if let Some(s) = pending.status.as_mut() {
-        s.phase = Some(RunPhase::Pending);
-    }
+    let with_status = |f: &dyn Fn(&mut AgentRunStatus)| {
+        let mut p = active_parent(1, &["compliance:*"]);
+        f(p.0.status.as_mut().unwrap());
+        p
+    };
+    let ended = with_status(&|s| s.phase = Some(RunPhase::Succeeded));
+    let pending = with_status(&|s| s.phase = Some(RunPhase::Pending));
+    // A status written back from an end to an active phase is not a live parent.
+    let regressed = with_status(&|s| s.completed_at = Some(now()));
+    let regressed_revoked = with_status(&|s| s.revoked_at = Some(now()));
     let mut bobs = active_parent(1, &["compliance:*"]);
-    bobs.spec.principal = "bob@example.com".into();
+    bobs.0.spec.principal = "bob@example.com".into();
+    let mut lost = active_parent(1, &["compliance:*"]);
+    lost.1 = Decision::Denied(Refusal { reason: Reason::GrantExpired, message: "gone".into(), denied_scopes: vec![] });
     let table = [
         ("parent missing", None, Reason::ParentNotFound),
         ("parent ended", Some(ended), Reason::ParentNotActive),
         ("parent not yet authorised", Some(pending), Reason::ParentPending),
         ("parent acts for someone else", Some(bobs), Reason::ParentPrincipalMismatch),
+        ("parent's status regressed from completed", Some(regressed), Reason::ParentNotActive),
+        ("parent's status regressed from revoked", Some(regressed_revoked), Reason::ParentNotActive),
+        ("parent no longer authorised", Some(lost), Reason::ParentNotActive),
         ("depth exactly at the limit", Some(active_parent(0, &["compliance:*"])), Reason::DelegationDepthExceeded),
         ("parent holds none of it", Some(active_parent(1, &["marketing:read"])), Reason::NoScopesGranted),
     ];

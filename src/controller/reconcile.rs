@@ -17,7 +17,7 @@ use super::children::{self, PodPhase, RunInfo};
 use super::events::EventType;
 use super::{Context, Error, FINALIZER, MANAGER, requeue};
 use crate::audit::{Action as AuditAction, Record};
-use crate::authorization::{self, Authorization, Decision, Input, Reason, Refusal};
+use crate::authorization::{self, Authorization, Decision, Input, Parent, Reason, Refusal};
 use crate::resources::{AgentRun, AgentRunStatus, Condition, DelegationGrant, RunPhase, set_condition};
 use crate::scope;
 use crate::tokens::{RunRef, RunTokenSpec};
@@ -74,21 +74,47 @@ fn decide(run: &AgentRun, ctx: &Context, now: Timestamp) -> Decision {
     decide_with(run, ctx, &grants, now)
 }
 
-/// The decision with the given grants (of the run's namespace) and the cached Agent and parent.
+/// How many runs up a chain a decision looks before giving up: more than any grant's
+/// `maxDelegationDepth` allows, and the end of a `parentRun` cycle.
+const MAX_CHAIN: usize = 10;
+
+/// The decision with the given grants (of the run's namespace) and the cached Agent; a
+/// sub-agent's parent is decided the same way, up the chain (never read from its status).
 fn decide_with<G: std::borrow::Borrow<DelegationGrant>>(
     run: &AgentRun,
     ctx: &Context,
     grants: &[G],
     now: Timestamp,
 ) -> Decision {
+    decide_in_chain(run, ctx, grants, now, 0)
+}
+
+fn decide_in_chain<G: std::borrow::Borrow<DelegationGrant>>(
+    run: &AgentRun,
+    ctx: &Context,
+    grants: &[G],
+    now: Timestamp,
+    hops: usize,
+) -> Decision {
     let ns = run.namespace().unwrap_or_default();
     let agent = ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns));
     let parent = run.spec.parent_run.as_ref().and_then(|p| ctx.stores.runs.get(&ObjectRef::new(p).within(&ns)));
+    let parent_decision = parent.as_deref().map(|p| {
+        if hops >= MAX_CHAIN {
+            Decision::Denied(Refusal {
+                reason: Reason::DelegationDepthExceeded,
+                message: format!("the chain of parent runs is longer than {MAX_CHAIN} (or a cycle)"),
+                denied_scopes: vec![],
+            })
+        } else {
+            decide_in_chain(p, ctx, grants, now, hops + 1)
+        }
+    });
     authorization::authorize(Input {
         run,
         agent: agent.as_deref(),
         grants,
-        parent: parent.as_deref(),
+        parent: parent.as_deref().zip(parent_decision.as_ref()).map(|(run, decision)| Parent { run, decision }),
         now,
         policy: &ctx.cfg.policy,
     })
@@ -96,13 +122,37 @@ fn decide_with<G: std::borrow::Borrow<DelegationGrant>>(
 
 async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     let now = now();
+    let status = run.status.clone().unwrap_or_default();
+    let phase = status.phase.unwrap_or(RunPhase::Pending);
+    // Before the cache check: a stale copy of our own writes never shows `completedAt` with a
+    // live phase (the terminal phase is written with it), so this is someone else's write.
+    if status_regressed(&status) {
+        // Someone wrote an ended run's status back to a live phase. It stays ended: nothing is
+        // created for it again, and every replica refuses its tokens (see `is_active`).
+        tracing::warn!(phase = ?phase, "the status of an ended run was written back to a live phase; it stays ended");
+        publish(
+            ctx,
+            run,
+            EventType::Warning,
+            "StatusTampered",
+            "Revoke",
+            format!("status.phase {phase:?} on a run that completed or was revoked: the run stays ended"),
+        )
+        .await;
+        remove_credentials(run, ctx, true).await?;
+        let mut s = status.clone();
+        s.phase = Some(RunPhase::Revoked);
+        s.reason = Some("StatusTampered".into());
+        s.message = Some("the status of this ended run was written back to a live phase".into());
+        write_status(run, ctx, s).await?;
+        return Ok(Action::await_change());
+    }
+
     if ctx.cache_is_behind(&run.uid().unwrap_or_default(), run.status.as_ref()) {
         // Our own last write has not reached the cache yet: acting on this copy would mint
         // or revoke a second time. The watch event of that write triggers the next reconcile.
         return Ok(Action::requeue(std::time::Duration::from_millis(500)));
     }
-    let status = run.status.clone().unwrap_or_default();
-    let phase = status.phase.unwrap_or(RunPhase::Pending);
 
     if phase.is_terminal() {
         // Final. Make sure nothing it held survives (e.g. the operator died mid-revocation).
@@ -122,14 +172,15 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     if phase.is_active() && run.annotations().contains_key(crate::server::REVOKE_ANNOTATION) {
         return end(run, ctx, RunPhase::Revoked, "SelfRevoked", "the run revoked its own tokens").await;
     }
-    if phase.is_active()
-        && let Some(deadline) = status.deadline
-        && now >= deadline
+    let decision = decide(run, ctx, now);
+    if let Decision::Authorized(auth) = &decision
+        && now >= auth.deadline
     {
+        // The deadline is the decision's (from the run's creation), never the status's.
         return end(run, ctx, RunPhase::Expired, "DeadlineExceeded", "the run reached its deadline").await;
     }
 
-    match (phase.is_active(), decide(run, ctx, now)) {
+    match (phase.is_active(), decision) {
         (false, Decision::Authorized(_)) => {
             // Before granting anything, decide again on a fresh read of the grants: the
             // grant cache and the run cache are separate watches, and a Deny grant created just
@@ -144,12 +195,27 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
             end(run, ctx, RunPhase::Revoked, reason, &refusal.message).await
         }
         (true, Decision::Authorized(auth)) => {
-            if let Some(why) = authority_reduced(&status, &auth) {
+            // The status is a report anyone allowed to write it can change: it only hints that
+            // authority shrank. What the run holds is what its current token (signed by us)
+            // carries.
+            let hinted = authority_reduced(&held_by_status(&status), &auth).is_some();
+            if hinted
+                && let Some(held) = held_by_token(run, ctx).await?
+                && let Some(why) = authority_reduced(&held, &auth)
+            {
                 return end(run, ctx, RunPhase::Revoked, "AuthorityReduced", &why).await;
             }
-            keep_active(run, ctx, status, now).await
+            keep_active(run, ctx, status, &auth, now).await
         }
     }
+}
+
+/// Whether a status says the run ended (`completedAt`, `revokedAt`) yet shows a live or
+/// pending phase: only a write by someone else does that (Deputy sets the terminal phase in
+/// the same write as `completedAt`).
+fn status_regressed(status: &AgentRunStatus) -> bool {
+    let ended = status.completed_at.is_some() || status.revoked_at.is_some();
+    ended && !status.phase.is_some_and(RunPhase::is_terminal)
 }
 
 /// Carries out the decision for a run that is not active yet: authorise it, let it wait for
@@ -178,14 +244,36 @@ fn revocation_reason(r: Reason) -> &'static str {
     }
 }
 
+/// Scopes and audiences a run holds.
+type Held = (Vec<scope::Scope>, Vec<String>);
+
+fn held_by_status(status: &AgentRunStatus) -> Held {
+    (scope::parse_all(&status.granted_scopes).unwrap_or_default(), status.granted_audiences.clone())
+}
+
+/// What the run's current token carries, if its Secret holds one that verifies with our keys
+/// (a token written there by anyone else does not).
+async fn held_by_token(run: &AgentRun, ctx: &Context) -> Result<Option<Held>, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let secret =
+        Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&children::child_name(&run.name_any())).await?;
+    let token = secret.and_then(|s| s.data).and_then(|d| d.get(children::TOKEN_KEY).map(|b| b.0.clone()));
+    let Some(token) = token.and_then(|t| String::from_utf8(t).ok()) else { return Ok(None) };
+    let Ok(claims) = ctx.keys.get().verify_any_audience(&token) else { return Ok(None) };
+    if claims.run.uid != run.uid().unwrap_or_default() {
+        return Ok(None);
+    }
+    let scopes = claims.scopes().into_iter().filter_map(|s| scope::Scope::parse(s).ok()).collect();
+    Ok(Some((scopes, claims.aud.to_vec())))
+}
+
 /// An active run keeps only what it was given; if its grants now give less, it is revoked
 /// rather than silently narrowed (its tokens already carry the old scopes).
-fn authority_reduced(status: &AgentRunStatus, auth: &Authorization) -> Option<String> {
-    let held = scope::parse_all(&status.granted_scopes).unwrap_or_default();
-    if let Some(lost) = held.iter().find(|s| !scope::covered_by(s, &auth.scopes)) {
+fn authority_reduced((scopes, audiences): &Held, auth: &Authorization) -> Option<String> {
+    if let Some(lost) = scopes.iter().find(|s| !scope::covered_by(s, &auth.scopes)) {
         return Some(format!("scope {lost} is no longer granted"));
     }
-    if let Some(lost) = status.granted_audiences.iter().find(|a| !auth.audiences.contains(a)) {
+    if let Some(lost) = audiences.iter().find(|a| !auth.audiences.contains(a)) {
         return Some(format!("audience {lost} is no longer granted"));
     }
     None
@@ -285,30 +373,28 @@ async fn deny(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -
     Ok(Action::await_change())
 }
 
-/// Mints a run token into the run's Secret; returns the new token's issue and expiry times
-/// and its jti.
+/// Mints a run token into the run's Secret from the decision just made (never from the
+/// status); returns the new token's issue and expiry times and its jti.
 async fn mint(
     run: &AgentRun,
     ctx: &Context,
-    status: &AgentRunStatus,
+    auth: &Authorization,
+    rotations: u32,
     now: Timestamp,
 ) -> Result<(Timestamp, Timestamp, String), Error> {
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
-    let identity = status.identity.clone().ok_or(Error::MissingField("status.identity"))?;
-    let ttl = status
-        .token_ttl
-        .as_deref()
-        .and_then(|t| crate::duration::parse(t).ok())
-        .unwrap_or(ctx.cfg.policy.default_token_ttl);
-    let deadline = status.deadline.ok_or(Error::MissingField("status.deadline"))?;
-    let actors = chain_of(status);
-    let scopes = scope::parse_all(&status.granted_scopes).unwrap_or_default();
+    let identity = auth.identity.clone();
+    let ttl = auth.token_ttl.min(ctx.cfg.policy.max_token_ttl);
+    let deadline = auth.deadline;
+    let actors = auth.actors().to_vec();
+    let scopes = auth.scopes.clone();
+    let granted_scopes: Vec<String> = scopes.iter().map(ToString::to_string).collect();
     let keys = ctx.keys.get();
     let claims = RunTokenSpec {
         issuer: ctx.keys.issuer(),
         principal: &run.spec.principal,
-        audiences: &status.granted_audiences,
+        audiences: &auth.audiences,
         identity: &identity,
         scope: scope::to_claim(&scopes),
         actors: &actors,
@@ -321,7 +407,7 @@ async fn mint(
     .claims();
     let token = keys.set.active().sign(&claims)?;
     let expires = claims.expires_at();
-    let next = children::rotation_at(now, expires, &run.uid().unwrap_or_default(), status.rotations + 1);
+    let next = children::rotation_at(now, expires, &run.uid().unwrap_or_default(), rotations + 1);
     let info = RunInfo {
         issuer: ctx.keys.issuer(),
         token_endpoint: &ctx.cfg.children.token_endpoint,
@@ -329,8 +415,8 @@ async fn mint(
         namespace: &ns,
         run: &name,
         principal: &run.spec.principal,
-        scopes: status.granted_scopes.clone(),
-        audiences: &status.granted_audiences,
+        scopes: granted_scopes,
+        audiences: &auth.audiences,
         token_file: format!("{}/{}", children::MOUNT_PATH, children::TOKEN_KEY),
         actor_token_file: format!("{}/{}", children::MOUNT_PATH, children::ACTOR_TOKEN_PATH),
         token_expires_at: expires,
@@ -364,7 +450,7 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     auth.record_in(&mut status);
     let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
     sa_api.patch(&children::child_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&sa)).await?;
-    let (iat, exp, jti) = mint(run, ctx, &status, now).await?;
+    let (iat, exp, jti) = mint(run, ctx, &auth, status.rotations, now).await?;
     let (actors, scopes, audiences) =
         (chain_of(&status), status.granted_scopes.clone(), status.granted_audiences.clone());
     let base = Record {
@@ -432,8 +518,11 @@ async fn keep_active(
     run: &AgentRun,
     ctx: &Context,
     mut status: AgentRunStatus,
+    auth: &Authorization,
     now: Timestamp,
 ) -> Result<Action, Error> {
+    // The status reports the decision just made (narrowed bounds apply from the next mint).
+    auth.record_in(&mut status);
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let child = children::child_name(&name);
@@ -460,20 +549,15 @@ async fn keep_active(
                 .agents
                 .get(&ObjectRef::new(&run.spec.agent).within(&ns))
                 .ok_or(Error::MissingField("agent"))?;
-            match decide(run, ctx, now) {
-                Decision::Authorized(auth) => match children::desired_pod(run, &agent, &auth, &ctx.cfg.children, now) {
-                    Ok(p) => {
-                        tracing::info!(namespace = %ns, run = %name, "the run's pod is missing; creating it again");
-                        Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-                            .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&p))
-                            .await?;
-                    }
-                    Err(e) => {
-                        tracing::warn!(namespace = %ns, run = %name, error = %e, "the run's pod is missing and cannot be built")
-                    }
-                },
-                other => {
-                    tracing::warn!(namespace = %ns, run = %name, decision = ?other, "the run's pod is missing and the run is no longer authorised")
+            match children::desired_pod(run, &agent, auth, &ctx.cfg.children, now) {
+                Ok(p) => {
+                    tracing::info!(namespace = %ns, run = %name, "the run's pod is missing; creating it again");
+                    Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+                        .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&p))
+                        .await?;
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = %ns, run = %name, error = %e, "the run's pod is missing and cannot be built")
                 }
             }
         }
@@ -491,12 +575,10 @@ async fn keep_active(
     if sa_missing {
         let agent =
             ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns)).ok_or(Error::MissingField("agent"))?;
-        if let Decision::Authorized(auth) = decide(run, ctx, now) {
-            let sa = children::desired_service_account(run, &agent, &auth);
-            Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns)
-                .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&sa))
-                .await?;
-        }
+        let sa = children::desired_service_account(run, &agent, auth);
+        Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns)
+            .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&sa))
+            .await?;
     }
     let secret_missing = ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns)).is_none()
         && Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_metadata_opt(&child).await?.is_none();
@@ -509,7 +591,7 @@ async fn keep_active(
         _ => true,
     };
     if due || secret_missing {
-        let (iat, exp, jti) = mint(run, ctx, &status, now).await?;
+        let (iat, exp, jti) = mint(run, ctx, auth, status.rotations, now).await?;
         status.token_issued_at = Some(iat);
         status.token_expires_at = Some(exp);
         status.token_id = Some(jti.clone());
@@ -685,5 +767,36 @@ fn next_wakeup(run: &AgentRun, status: &AgentRunStatus, ctx: &Context, now: Time
     match at.into_iter().min() {
         Some(t) => requeue(until(now, t)),
         None => requeue(Duration::from_secs(300)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_is_regressed_when_it_ended_but_shows_a_live_or_pending_phase() {
+        let at: Timestamp = "2026-11-23T12:00:00Z".parse().unwrap_or(Timestamp::UNIX_EPOCH);
+        let st = |phase: Option<RunPhase>, completed: bool, revoked: bool| AgentRunStatus {
+            phase,
+            completed_at: completed.then_some(at),
+            revoked_at: revoked.then_some(at),
+            ..Default::default()
+        };
+        let cases = [
+            (st(Some(RunPhase::Authorized), false, false), false),
+            (st(Some(RunPhase::Running), false, false), false),
+            (st(None, false, false), false),
+            (st(Some(RunPhase::Succeeded), true, true), false),
+            (st(Some(RunPhase::Revoked), true, false), false),
+            (st(Some(RunPhase::Denied), true, false), false),
+            (st(Some(RunPhase::Authorized), true, false), true),
+            (st(Some(RunPhase::Running), false, true), true),
+            (st(Some(RunPhase::Pending), true, true), true),
+            (st(None, true, false), true),
+        ];
+        for (status, want) in cases {
+            assert_eq!(status_regressed(&status), want, "{status:?}");
+        }
     }
 }

@@ -166,9 +166,9 @@ fn pod_has_ended(pods: &Store<PodPhase>, run: &AgentRun) -> bool {
 
 /// Whether the run's status says it is active (not yet ended, not revoked, not deleted).
 pub fn is_active(run: &AgentRun) -> bool {
-    run.metadata.deletion_timestamp.is_none()
-        && !run.annotations().contains_key(REVOKE_ANNOTATION)
-        && run.status.as_ref().and_then(|s| s.phase).is_some_and(crate::resources::RunPhase::is_active)
+    // `completedAt` or `revokedAt` makes a run dead whatever its phase says: a status written
+    // back to a live phase does not bring its tokens back.
+    crate::authorization::is_live_record(run) && !run.annotations().contains_key(REVOKE_ANNOTATION)
 }
 
 use kube::ResourceExt;
@@ -593,5 +593,17 @@ mod tests {
                 "{run_phase} / {pod_phase:?} / {owner}"
             );
         }
+    }
+
+    #[test]
+    fn a_status_written_back_to_a_live_phase_does_not_revive_a_run() {
+        for field in ["completedAt", "revokedAt"] {
+            let mut r = run("Authorized");
+            let mut status = serde_json::to_value(r.status.take()).unwrap();
+            status[field] = json!("2026-11-23T12:00:00Z");
+            r.status = serde_json::from_value(status).unwrap();
+            assert!(!is_active(&r), "{field} set: the run is dead whatever its phase");
+        }
+        assert!(is_active(&run("Running")));
     }
 }
