@@ -140,6 +140,10 @@ fn run_token_spec<'a>(audiences: &'a [String], actors: &'a [String], now: Timest
         audiences,
         identity: &actors[0],
         scope: "compliance:audit:cross_dept compliance:privacy:check".into(),
+        authority: audiences
+            .iter()
+            .map(|a| (a.clone(), "compliance:audit:cross_dept compliance:privacy:check".to_string()))
+            .collect(),
         actors,
         run: RunRef { namespace: NS.into(), name: RUN.into(), uid: "7d1f3b9e-6a0c-4c43-9a55-1f0e2f6f1c11".into() },
         task: "Check the Q4 field campaign for GDPR compliance",

@@ -81,6 +81,10 @@ fn subject_token(keys: &KeySet) -> String {
         audiences: &audiences,
         identity,
         scope: "compliance:audit:cross_dept compliance:privacy:check".into(),
+        authority: audiences
+            .iter()
+            .map(|a| (a.clone(), "compliance:audit:cross_dept compliance:privacy:check".to_string()))
+            .collect(),
         actors: &actors,
         run: RunRef {
             namespace: "marketing".into(),

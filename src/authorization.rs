@@ -190,9 +190,12 @@ pub struct Refusal {
 pub struct Authorization {
     /// `spiffe://<trust-domain>/ns/<ns>/agent/<agent>/run/<run>`.
     pub identity: String,
-    /// Effective scopes, minimal and sorted.
+    /// The authority: for each audience the run may use (sorted), the scopes it holds there
+    /// (minimal and sorted). Only these pairs are ever put in a token.
+    pub authority: Vec<(String, Vec<Scope>)>,
+    /// Every scope held for some audience, minimal and sorted (the run token's `scope`).
     pub scopes: Vec<Scope>,
-    /// Effective audiences, sorted.
+    /// The audiences of `authority`, sorted.
     pub audiences: Vec<String>,
     /// Requested scopes that were dropped, with reasons.
     pub denied_scopes: Vec<DeniedScope>,
@@ -216,6 +219,14 @@ impl Authorization {
     pub fn record_in(&self, status: &mut crate::resources::AgentRunStatus) {
         status.identity = Some(self.identity.clone());
         status.grant = Some(self.grants.join(","));
+        status.granted_authority = self
+            .authority
+            .iter()
+            .map(|(audience, scopes)| crate::resources::GrantedAuthority {
+                audience: audience.clone(),
+                scopes: scopes.iter().map(Scope::to_string).collect(),
+            })
+            .collect();
         status.granted_scopes = self.scopes.iter().map(Scope::to_string).collect();
         status.granted_audiences = self.audiences.clone();
         status.denied_scopes = self.denied_scopes.clone();
@@ -416,8 +427,8 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
             );
         }
         parent_bounds = Some((
-            pa.scopes.clone(),
-            pa.audiences.clone(),
+            (),
+            pa.authority.clone(),
             Some(pa.token_ttl),
             Some(pa.deadline),
             pa.remaining_delegation_depth - 1,
@@ -472,71 +483,109 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         return deny(reason, msg);
     }
 
-    // 5. Scopes: requested ∩ ceiling ∩ ⋃allow − ⋃deny (∩ parent).
-    let granted_union: Vec<Scope> = allows.iter().flat_map(|g| g.scopes.iter().cloned()).collect();
-    // A deny grant that names only audiences takes no scopes away.
-    let denied_union: Vec<(&str, &Scope)> = denies
-        .iter()
-        .filter(|d| !d.scopes.is_empty())
-        .flat_map(|d| d.scopes.iter().map(move |s| (d.name, s)))
-        .collect();
-    let mut effective = vec![];
-    let mut denied_scopes = vec![];
-    for r in &requested {
-        let mut step = scope::intersect_sets(std::slice::from_ref(r), &ceiling);
-        let mut why = scope_reason::NOT_IN_AGENT_CEILING;
-        if !step.is_empty() {
-            step = scope::intersect_sets(&step, &granted_union);
-            why = scope_reason::NOT_GRANTED;
+    // 5. Authority, per audience: requested ∩ ceiling ∩ ⋃{Allow g : a ∈ g.audiences} −
+    //    ⋃{Deny d : a ∈ d.audiences or d names none} (∩ the parent's for a). Grants add up as
+    //    pairs, never as (all their scopes) × (all their audiences).
+    let mut requested_audiences: Vec<&String> = spec.audiences.iter().collect();
+    requested_audiences.sort();
+    requested_audiences.dedup();
+    let mut authority: Vec<(String, Vec<Scope>)> = vec![];
+    // For each requested scope, how far it got for any audience (to say why it was dropped).
+    let mut furthest = vec![0u8; requested.len()];
+    // Whether any audience was left to hold scopes at all.
+    let mut scoped_any = false;
+    for a in requested_audiences {
+        if !agent.spec.audiences.contains(a) {
+            continue;
         }
-        if !step.is_empty() {
-            step.retain(|s| !denied_union.iter().any(|(_, d)| s.overlaps(d)));
-            why = scope_reason::DENIED_BY_GRANT;
+        if let Some((_, paud, ..)) = parent_bounds.as_ref()
+            && !paud.iter().any(|(pa, _)| pa == a)
+        {
+            continue;
         }
-        if let (false, Some((pscopes, ..))) = (step.is_empty(), parent_bounds.as_ref()) {
-            step = scope::intersect_sets(&step, pscopes);
-            why = scope_reason::NOT_HELD_BY_PARENT;
+        let granted: Vec<Scope> =
+            allows.iter().filter(|g| g.audiences.contains(a)).flat_map(|g| g.scopes.iter().cloned()).collect();
+        if granted.is_empty() {
+            continue;
         }
-        if step.is_empty() {
-            denied_scopes.push(DeniedScope { scope: r.to_string(), reason: why.to_string() });
+        let denies_a: Vec<&ParsedGrant<'_>> =
+            denies.iter().filter(|d| d.audiences.is_empty() || d.audiences.contains(a)).collect();
+        if denies_a.iter().any(|d| d.scopes.is_empty()) {
+            // A Deny grant with no scopes takes the whole audience away.
+            continue;
         }
-        effective.extend(step);
+        scoped_any = true;
+        let parent_scopes: Option<&[Scope]> = parent_bounds
+            .as_ref()
+            .and_then(|(_, paud, ..)| paud.iter().find(|(pa, _)| pa == a).map(|(_, s)| s.as_slice()));
+        let mut held = vec![];
+        for (i, r) in requested.iter().enumerate() {
+            let mut step = scope::intersect_sets(std::slice::from_ref(r), &ceiling);
+            let mut stage = 0u8;
+            if !step.is_empty() {
+                step = scope::intersect_sets(&step, &granted);
+                stage = 1;
+            }
+            if !step.is_empty() {
+                step.retain(|s| !denies_a.iter().any(|d| d.scopes.iter().any(|x| s.overlaps(x))));
+                stage = 2;
+            }
+            if let (false, Some(ps)) = (step.is_empty(), parent_scopes) {
+                step = scope::intersect_sets(&step, ps);
+                stage = 3;
+            }
+            furthest[i] = furthest[i].max(if step.is_empty() { stage } else { 4 });
+            held.extend(step);
+        }
+        scope::minimise(&mut held);
+        if !held.is_empty() {
+            authority.push((a.clone(), held));
+        }
     }
-    scope::minimise(&mut effective);
-    if effective.is_empty() {
+    let mut denied_scopes = vec![];
+    for (r, f) in requested.iter().zip(&furthest) {
+        let why = match f {
+            4 => continue,
+            0 => scope_reason::NOT_IN_AGENT_CEILING,
+            1 => scope_reason::NOT_GRANTED,
+            2 => scope_reason::DENIED_BY_GRANT,
+            _ => scope_reason::NOT_HELD_BY_PARENT,
+        };
+        denied_scopes.push(DeniedScope { scope: r.to_string(), reason: why.to_string() });
+    }
+    if authority.is_empty() {
+        if !scoped_any {
+            return Decision::Denied(Refusal {
+                reason: Reason::NoAudienceGranted,
+                message: format!("none of the requested audiences {:?} may be used", spec.audiences),
+                denied_scopes,
+            });
+        }
         let all_denied =
             !denied_scopes.is_empty() && denied_scopes.iter().all(|d| d.reason == scope_reason::DENIED_BY_GRANT);
         let reason = if all_denied { Reason::DeniedByGrant } else { Reason::NoScopesGranted };
         return Decision::Denied(Refusal {
             reason,
-            message: format!("none of the requested scopes may be held: {}", summarise(&denied_scopes)),
+            message: format!(
+                "none of the requested scopes may be held for any audience: {}",
+                summarise(&denied_scopes)
+            ),
             denied_scopes,
         });
     }
+    let mut effective: Vec<Scope> = authority.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+    scope::minimise(&mut effective);
+    let audiences: Vec<String> = authority.iter().map(|(a, _)| a.clone()).collect();
 
-    // Audiences: requested ∩ agent ∩ ⋃allow − ⋃deny (∩ parent).
-    let mut audiences: Vec<String> = spec
-        .audiences
+    // The grants that contributed: those consenting to a pair the run holds.
+    let contributing: Vec<&ParsedGrant<'_>> = allows
         .iter()
-        .filter(|a| agent.spec.audiences.contains(a))
-        .filter(|a| allows.iter().any(|g| g.audiences.contains(a)))
-        .filter(|a| !denies.iter().any(|d| d.audiences.contains(a) || (d.audiences.is_empty() && d.scopes.is_empty())))
-        .filter(|a| parent_bounds.as_ref().is_none_or(|(_, paud, ..)| paud.contains(a)))
-        .cloned()
+        .filter(|g| {
+            authority
+                .iter()
+                .any(|(a, held)| g.audiences.contains(a) && held.iter().any(|h| g.scopes.iter().any(|s| h.overlaps(s))))
+        })
         .collect();
-    audiences.sort();
-    audiences.dedup();
-    if audiences.is_empty() {
-        return Decision::Denied(Refusal {
-            reason: Reason::NoAudienceGranted,
-            message: format!("none of the requested audiences {:?} may be used", spec.audiences),
-            denied_scopes,
-        });
-    }
-
-    // The grants that contributed: those granting an effective scope for a granted audience.
-    let contributing: Vec<&ParsedGrant<'_>> =
-        allows.iter().filter(|g| effective.iter().any(|e| g.scopes.iter().any(|s| e.overlaps(s)))).collect();
 
     // 6./7. Lifetimes.
     // The deadline counts from the run's creation, which no tenant can move (a status can be
@@ -558,7 +607,7 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         depth = depth.min(g.max_depth);
     }
     let mut chain = vec![spec.principal.clone()];
-    if let Some((_, _, pttl, pdeadline, premaining, pchain)) = parent_bounds {
+    if let Some(((), _, pttl, pdeadline, premaining, pchain)) = parent_bounds {
         if let Some(t) = pttl {
             ttl = ttl.min(t);
         }
@@ -575,6 +624,7 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
 
     Decision::Authorized(Authorization {
         identity,
+        authority,
         scopes: effective,
         audiences,
         denied_scopes,

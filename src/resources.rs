@@ -390,6 +390,13 @@ impl RunPhase {
     }
 }
 
+/// The scopes a run holds for one audience.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct GrantedAuthority {
+    pub audience: String,
+    pub scopes: Vec<String>,
+}
+
 /// A scope the run asked for and did not get, with the reason.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -417,7 +424,11 @@ pub struct AgentRunStatus {
     /// The Allow grant(s) the run relies on, comma-separated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<String>,
-    /// Scopes the run holds, after attenuation.
+    /// What the run holds: for each audience, the scopes it may use there. A report of the
+    /// last decision, for people; never read back as authority.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub granted_authority: Vec<GrantedAuthority>,
+    /// Every scope the run holds for some audience, after attenuation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub granted_scopes: Vec<String>,
     /// Audiences the run may obtain tokens for, after attenuation.

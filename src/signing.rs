@@ -219,6 +219,7 @@ mod tests {
             audiences: &["svc".to_string()],
             identity: &actors[0],
             scope: "a:b".into(),
+            authority: [("svc".to_string(), "a:b".to_string())].into(),
             actors: &actors,
             run: RunRef { namespace: "n".into(), name: "r".into(), uid: "u".into() },
             task: "t",

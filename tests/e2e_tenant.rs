@@ -240,3 +240,79 @@ async fn an_ended_run_stays_ended_whatever_its_status_is_patched_to() {
     .await;
     assert!(seen, "a StatusTampered Event");
 }
+
+/// Finding 2 (high): grants added up as (∪ scopes) × (∪ audiences). Alice consents to
+/// `data:write` at staging and `data:read` at prod; the run holds exactly those two pairs, is
+/// bounded by the prod grant's 1m TTL, and `/token` refuses `data:write` for prod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_add_up_as_pairs_at_the_token_endpoint() {
+    let env = Env::start().await;
+    let ns = env.ns.clone();
+    let template = json!({"spec": {"restartPolicy": "Never",
+        "containers": [{"name": "agent", "image": "docker.io/library/busybox:1.36", "command": ["sleep", "300"]}]}});
+    let objects = [
+        json!({"apiVersion": "deputy.dev/v1alpha1", "kind": "Agent", "metadata": {"name": "db-agent", "namespace": ns},
+               "spec": {"scopes": ["data:*"], "audiences": ["staging-db", "prod-db"], "maxTokenTTL": "15m",
+                        "template": template}}),
+        json!({"apiVersion": "deputy.dev/v1alpha1", "kind": "DelegationGrant",
+               "metadata": {"name": "alice-staging-write", "namespace": ns},
+               "spec": {"principal": "alice@example.com", "agent": "db-agent", "scopes": ["data:write"],
+                        "audiences": ["staging-db"], "maxTokenTTL": "10m"}}),
+        json!({"apiVersion": "deputy.dev/v1alpha1", "kind": "DelegationGrant",
+               "metadata": {"name": "alice-prod-read", "namespace": ns},
+               "spec": {"principal": "alice@example.com", "agent": "db-agent", "scopes": ["data:read"],
+                        "audiences": ["prod-db"], "maxTokenTTL": "1m", "maxRunDuration": "2m"}}),
+        json!({"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun", "metadata": {"name": "db-run", "namespace": ns},
+               "spec": {"agent": "db-agent", "principal": "alice@example.com", "task": "migrate",
+                        "scopes": ["data:read", "data:write"], "audiences": ["staging-db", "prod-db"],
+                        "tokenTTL": "10m", "maxDuration": "1h"}}),
+    ];
+    for o in &objects {
+        create_object(&env.client, o, true).await.unwrap();
+    }
+    let run = env.wait_phase("db-run", "Authorized", T).await;
+    let st = run.status.unwrap();
+    let authority: Vec<(String, Vec<String>)> =
+        st.granted_authority.iter().map(|g| (g.audience.clone(), g.scopes.clone())).collect();
+    assert_eq!(
+        authority,
+        [
+            ("prod-db".to_string(), vec!["data:read".to_string()]),
+            ("staging-db".to_string(), vec!["data:write".to_string()])
+        ]
+    );
+    let subject = env.run_token("db-run").await.unwrap();
+    let c = claims(&subject);
+    assert!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap() <= 60, "the prod grant's 1m bounds: {c}");
+    env.set_pod_phase("deputy-run-db-run", "Running").await;
+    env.wait_phase("db-run", "Running", T).await;
+    let actor = env.actor_token("db-run").await;
+    let exchange = |audience: &'static str, scope: &'static str| {
+        let (subject, actor) = (subject.clone(), actor.clone());
+        let env = &env;
+        async move {
+            let mut form = support::exchange_form(&subject, &actor);
+            form.retain(|(k, _)| *k != "audience");
+            form.push(("audience", audience));
+            form.push(("scope", scope));
+            env.post("/token", &form, None).await
+        }
+    };
+    let (status, body) = exchange("prod-db", "data:write").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "write at prod was never consented: {body}"
+    );
+    let (status, body) = exchange("staging-db", "data:write").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(claims(body["access_token"].as_str().unwrap())["aud"], "staging-db");
+    let (status, body) = exchange("prod-db", "data:read").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = exchange("staging-db", "data:read").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "read at staging was never consented: {body}"
+    );
+}

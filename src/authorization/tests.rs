@@ -585,6 +585,7 @@ fn active_parent(remaining: u32, scopes: &[&str]) -> (AgentRun, Decision) {
     p.status = Some(AgentRunStatus { phase: Some(RunPhase::Running), ..Default::default() });
     let decision = Decision::Authorized(Authorization {
         identity: "spiffe://cluster.local/ns/marketing/agent/planner/run/plan-7".into(),
+        authority: vec![("svc".into(), scopes.iter().map(|s| Scope::parse(s).unwrap()).collect())],
         scopes: scopes.iter().map(|s| Scope::parse(s).unwrap()).collect(),
         audiences: strings(&["svc"]),
         denied_scopes: vec![],
@@ -733,4 +734,99 @@ fn reasons_are_bounded_and_named() {
     let names: HashSet<&str> = all.iter().map(|r| r.as_str()).collect();
     assert_eq!(names.len(), all.len());
     assert!(Reason::AgentNotFound.is_transient() && !Reason::DeniedByGrant.is_transient());
+}
+
+fn pairs(d: &Decision) -> Vec<(String, Vec<String>)> {
+    match d {
+        Decision::Authorized(a) => {
+            a.authority.iter().map(|(aud, s)| (aud.clone(), s.iter().map(|x| x.to_string()).collect())).collect()
+        }
+        Decision::Denied(r) => panic!("denied: {r:?}"),
+    }
+}
+
+fn p(aud: &str, scopes: &[&str]) -> (String, Vec<String>) {
+    (aud.to_string(), strings(scopes))
+}
+
+/// Finding 2: two grants were added up as (∪ scopes) × (∪ audiences), so `data:write` for
+/// staging and `data:read` for prod gave `data:write` for prod, and the prod grant's bounds
+/// were ignored. Authority is the union of each grant's own pairs.
+#[test]
+fn grants_add_up_as_pairs_and_every_contributing_grant_bounds_the_run() {
+    let db_agent = agent("gdpr", &["data:*"], &["staging-db", "prod-db"]);
+    let mut staging = grant("staging-write", Effect::Allow, &["data:write"], &["staging-db"]);
+    staging.spec.max_token_ttl = Some("10m".into());
+    let mut prod = grant("prod-read", Effect::Allow, &["data:read"], &["prod-db"]);
+    prod.spec.max_token_ttl = Some("1m".into());
+    prod.spec.max_run_duration = Some("2m".into());
+    let mut r = run("r", &["data:write", "data:read"]);
+    r.spec.audiences = strings(&["staging-db", "prod-db"]);
+
+    let d = decide(&case("pairs", r.clone(), db_agent.clone(), vec![staging.clone(), prod.clone()]));
+    assert_eq!(pairs(&d), [p("prod-db", &["data:read"]), p("staging-db", &["data:write"])]);
+    let Decision::Authorized(a) = &d else { unreachable!() };
+    assert_eq!(a.token_ttl, SignedDuration::from_mins(1), "the prod grant contributes a pair: its TTL bounds");
+    assert_eq!(a.deadline, now() + SignedDuration::from_mins(2), "and its run duration");
+    assert_eq!(a.grants, strings(&["prod-read", "staging-write"]));
+
+    type Row<'a> = (&'a str, Vec<DelegationGrant>, Vec<(String, Vec<String>)>);
+    let table: Vec<Row> = vec![
+        (
+            "a Deny of a pair nobody granted changes nothing",
+            vec![staging.clone(), prod.clone(), grant("d", Effect::Deny, &["data:write"], &["prod-db"])],
+            vec![p("prod-db", &["data:read"]), p("staging-db", &["data:write"])],
+        ),
+        (
+            "a Deny removes exactly its scopes × audiences",
+            vec![staging.clone(), prod.clone(), grant("d", Effect::Deny, &["data:write"], &["staging-db"])],
+            vec![p("prod-db", &["data:read"])],
+        ),
+        (
+            "a Deny of an audience with no scopes takes that audience only",
+            vec![staging.clone(), prod.clone(), grant("d", Effect::Deny, &[], &["prod-db"])],
+            vec![p("staging-db", &["data:write"])],
+        ),
+        (
+            "a Deny of scopes for every audience",
+            vec![staging.clone(), prod.clone(), grant("d", Effect::Deny, &["data:read"], &[])],
+            vec![p("staging-db", &["data:write"])],
+        ),
+        (
+            "one grant of both scopes for both audiences is the full product",
+            vec![grant("all", Effect::Allow, &["data:read", "data:write"], &["staging-db", "prod-db"])],
+            vec![p("prod-db", &["data:read", "data:write"]), p("staging-db", &["data:read", "data:write"])],
+        ),
+    ];
+    for (name, grants, want) in table {
+        assert_eq!(pairs(&decide(&case(name, r.clone(), db_agent.clone(), grants))), want, "{name}");
+    }
+
+    // Without the prod pair the prod grant no longer contributes, and no longer bounds.
+    let d =
+        decide(&case("staging only", r, db_agent, vec![staging, prod, grant("d", Effect::Deny, &[], &["prod-db"])]));
+    let Decision::Authorized(a) = d else { panic!() };
+    assert_eq!(a.token_ttl, SignedDuration::from_mins(10));
+    assert_eq!(a.grants, strings(&["staging-write"]));
+}
+
+/// A sub-agent holds at most its parent's pairs, audience by audience.
+#[test]
+fn a_sub_agent_holds_only_its_parents_pairs() {
+    let db_agent = agent("gdpr", &["data:*"], &["staging-db", "prod-db"]);
+    let mut g = grant("all", Effect::Allow, &["data:*"], &["staging-db", "prod-db"]);
+    g.spec.max_delegation_depth = Some(2);
+    let (parent_run, mut parent) = active_parent(1, &["data:read"]);
+    if let Decision::Authorized(a) = &mut parent {
+        a.authority = vec![
+            ("prod-db".into(), vec![Scope::parse("data:read").unwrap()]),
+            ("staging-db".into(), vec![Scope::parse("data:write").unwrap()]),
+        ];
+        a.audiences = strings(&["prod-db", "staging-db"]);
+    }
+    let mut kid = child();
+    kid.spec.scopes = strings(&["data:read", "data:write"]);
+    kid.spec.audiences = strings(&["staging-db", "prod-db"]);
+    let c = Case { name: "kid", run: kid, agent: Some(db_agent), grants: vec![g], parent: Some((parent_run, parent)) };
+    assert_eq!(pairs(&decide(&c)), [p("prod-db", &["data:read"]), p("staging-db", &["data:write"])]);
 }

@@ -184,6 +184,7 @@ mod tests {
             audiences: &["svc".to_string()],
             identity: &actors[1],
             scope: "a:b".into(),
+            authority: [("svc".to_string(), "a:b".to_string())].into(),
             actors: &actors,
             run: crate::tokens::RunRef { namespace: "m".into(), name: "run-b".into(), uid: "u".into() },
             task: "t",

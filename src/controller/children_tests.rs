@@ -59,6 +59,7 @@ fn agent_with(template: serde_json::Value, automount: bool) -> Agent {
 fn auth() -> Authorization {
     Authorization {
         identity: "spiffe://cluster.local/ns/marketing/agent/gdpr/run/gdpr-check-q4".into(),
+        authority: vec![("svc".into(), vec![Scope::parse("a:b").unwrap()])],
         scopes: vec![Scope::parse("a:b").unwrap()],
         audiences: vec!["svc".into()],
         denied_scopes: vec![],

@@ -397,6 +397,7 @@ async fn mint(
         audiences: &auth.audiences,
         identity: &identity,
         scope: scope::to_claim(&scopes),
+        authority: auth.authority.iter().map(|(a, s)| (a.clone(), scope::to_claim(s))).collect(),
         actors: &actors,
         run: RunRef { namespace: ns.clone(), name: name.clone(), uid: run.uid().unwrap_or_default() },
         task: &run.spec.task,

@@ -322,15 +322,15 @@ pub async fn exchange(
             targets[0].to_string()
         }
     };
-    if !subject.aud.contains(&audience) || !status.granted_audiences.contains(&audience) {
+    // The subject token says, signed, which scopes the run holds for which audience: only
+    // those pairs are ever exchanged for.
+    let Some(held_here) = subject.scopes_for(&audience).filter(|_| status.granted_audiences.contains(&audience)) else {
         return Err(fail(OAuthError::new(
             ErrorCode::InvalidTarget,
             format!("audience {audience:?} is not granted to this run"),
         )));
-    }
-
-    // Scopes: a subset of the subject token's.
-    let held = scope::parse_all(&subject.scopes())
+    };
+    let held = scope::parse_all(&held_here)
         .map_err(|_| fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's scope is malformed")))?;
     let run_held = scope::parse_all(&status.granted_scopes).unwrap_or_default();
     let wanted: Vec<Scope> = match form.get("scope") {
@@ -346,7 +346,7 @@ pub async fn exchange(
     if let Some(extra) = wanted.iter().find(|w| !scope::covered_by(w, &held) || !scope::covered_by(w, &run_held)) {
         return Err(fail(OAuthError::new(
             ErrorCode::InvalidScope,
-            format!("scope {extra} exceeds the subject token's"),
+            format!("scope {extra} is not held for audience {audience:?}"),
         )));
     }
     let mut granted = wanted;
@@ -374,6 +374,7 @@ pub async fn exchange(
         nbf: now,
         exp,
         jti: uuid::Uuid::new_v4().to_string(),
+        authority: Default::default(),
     };
     let token = keys.set.active().sign(&claims).map_err(|e| {
         fail(OAuthError::new(ErrorCode::InvalidRequest, e.to_string()).with_status(StatusCode::SERVICE_UNAVAILABLE))

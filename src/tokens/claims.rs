@@ -88,9 +88,28 @@ pub struct Claims {
     pub nbf: i64,
     pub exp: i64,
     pub jti: String,
+    /// A run token's authority: for each audience, the space-separated scopes the run holds
+    /// there (only these pairs may be exchanged for). Exchanged tokens have one audience and
+    /// no such claim.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub authority: std::collections::BTreeMap<String, String>,
 }
 
 impl Claims {
+    /// The scopes this token may be exchanged for at `audience`: its `authority` entry, or,
+    /// for a token of exactly one audience and no `authority`, its `scope`. A token for
+    /// several audiences without `authority` grants nothing (its pairs are unknown).
+    pub fn scopes_for(&self, audience: &str) -> Option<Vec<&str>> {
+        if !self.authority.is_empty() {
+            return self.authority.get(audience).map(|s| s.split(' ').filter(|x| !x.is_empty()).collect());
+        }
+        match &self.aud {
+            Audience::One(a) if a == audience => Some(self.scopes()),
+            Audience::Many(list) if list.len() == 1 && list[0] == audience => Some(self.scopes()),
+            _ => None,
+        }
+    }
+
     /// The scopes as a list.
     pub fn scopes(&self) -> Vec<&str> {
         self.scope.split(' ').filter(|s| !s.is_empty()).collect()
@@ -115,6 +134,8 @@ pub struct RunTokenSpec<'a> {
     /// The run's identity (also the current actor).
     pub identity: &'a str,
     pub scope: String,
+    /// Audience → space-separated scopes held there.
+    pub authority: std::collections::BTreeMap<String, String>,
     /// Acting identities in chronological order; the last must be `identity`.
     pub actors: &'a [String],
     pub run: RunRef,
@@ -144,6 +165,7 @@ impl RunTokenSpec<'_> {
             nbf: iat,
             exp,
             jti: uuid::Uuid::new_v4().to_string(),
+            authority: self.authority.clone(),
         }
     }
 }
@@ -184,6 +206,7 @@ mod tests {
             audiences: &["svc".to_string()],
             identity: "spiffe://x/run",
             scope: "a:b".into(),
+            authority: [("svc".to_string(), "a:b".to_string())].into(),
             actors: &["spiffe://x/run".to_string()],
             run: RunRef { namespace: "ns".into(), name: "r".into(), uid: "u".into() },
             task: "t",
@@ -196,5 +219,38 @@ mod tests {
         assert_eq!(c.nbf, c.iat);
         assert_ne!(c.jti, spec.claims().jti, "every token gets its own jti");
         assert_eq!(c.delegation_chain(), vec!["alice@example.com", "spiffe://x/run"]);
+        assert_eq!(c.scopes_for("svc"), Some(vec!["a:b"]));
+        assert_eq!(c.scopes_for("other"), None);
+    }
+
+    #[test]
+    fn a_token_may_be_exchanged_only_for_its_pairs() {
+        let base = RunTokenSpec {
+            issuer: "https://deputy",
+            principal: "alice@example.com",
+            audiences: &["staging-db".to_string(), "prod-db".to_string()],
+            identity: "spiffe://x/run",
+            scope: "data:read data:write".into(),
+            authority: [
+                ("prod-db".to_string(), "data:read".to_string()),
+                ("staging-db".to_string(), "data:write".to_string()),
+            ]
+            .into(),
+            actors: &["spiffe://x/run".to_string()],
+            run: RunRef { namespace: "ns".into(), name: "r".into(), uid: "u".into() },
+            task: "t",
+            issued_at: Timestamp::from_second(1_000_000).unwrap(),
+            ttl: SignedDuration::from_mins(10),
+            not_after: Timestamp::from_second(2_000_000).unwrap(),
+        };
+        let c = base.claims();
+        assert_eq!(c.scopes_for("prod-db"), Some(vec!["data:read"]));
+        assert_eq!(c.scopes_for("staging-db"), Some(vec!["data:write"]));
+        assert_eq!(c.scopes_for("dev-db"), None);
+        // Without `authority`, a token for several audiences grants nothing; for one, its scope.
+        let many = Claims { authority: Default::default(), ..c.clone() };
+        assert_eq!(many.scopes_for("prod-db"), None);
+        let one = Claims { authority: Default::default(), aud: Audience::One("prod-db".into()), ..c };
+        assert_eq!(one.scopes_for("prod-db"), Some(vec!["data:read", "data:write"]));
     }
 }

@@ -24,6 +24,11 @@ fn claims_at(iat: Timestamp) -> Claims {
         audiences: &["gdpr-compliance-service".to_string()],
         identity: &chain[1],
         scope: "compliance:audit:cross_dept compliance:privacy:check".into(),
+        authority: [(
+            "gdpr-compliance-service".to_string(),
+            "compliance:audit:cross_dept compliance:privacy:check".to_string(),
+        )]
+        .into(),
         actors: &chain,
         run: RunRef { namespace: "marketing".into(), name: "gdpr-check-q4".into(), uid: "u-1".into() },
         task: "Check the Q4 field campaign for GDPR compliance",
