@@ -33,6 +33,11 @@ use crate::duration;
 use crate::resources::{Agent, AgentRun, DelegationGrant, DeniedScope, Effect, RunPhase};
 use crate::scope::{self, Scope};
 
+/// The longest AgentRun name: `deputy-run-` plus it is exactly the 253 characters a
+/// Kubernetes name may have, so every run's children get its name unshortened (and two runs
+/// never share a child name). The CRD refuses longer names too.
+pub const MAX_RUN_NAME: usize = 242;
+
 /// Operator-wide bounds and naming that every decision uses.
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -357,6 +362,11 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         Ok(d) => d,
         Err(e) => return deny(Reason::InvalidSpec, format!("spec.maxDuration: {e}")),
     };
+    if run_name.len() > MAX_RUN_NAME {
+        // Children are named `deputy-run-<run>`; a longer name would have to be shortened, and
+        // a shortened name can be chosen to equal another run's.
+        return deny(Reason::InvalidSpec, format!("the run's name is longer than {MAX_RUN_NAME} characters"));
+    }
     if let Some(e) = spec.env.iter().find(|e| e.name.starts_with("DEPUTY_")) {
         return deny(Reason::InvalidSpec, format!("spec.env: {:?} is reserved for Deputy", e.name));
     }

@@ -258,7 +258,8 @@ pub struct DelegationGrantStatus {
     printcolumn(name = "Scopes", type_ = "string", json_path = ".status.grantedScopes", priority = 1),
     printcolumn(name = "Token Expires", type_ = "string", json_path = ".status.tokenExpiresAt"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 242").message("an AgentRun name is at most 242 characters: its ServiceAccount, Secret and Pod are named deputy-run-<name>, which must be unique")
 )]
 #[x_kube(validation = Rule::new("has(self.parentRun) == has(oldSelf.parentRun) && (!has(self.parentRun) || self.parentRun == oldSelf.parentRun)").message("parentRun is immutable"))]
 #[serde(rename_all = "camelCase")]

@@ -222,6 +222,12 @@ async fn every_crd_rule_and_bound_refuses_a_bad_object_with_its_message() {
             message: "should be less than or equal to 8",
         },
         Bad { kind: "Agent", set: vec![("spec.scopes", json!(["ok", "not ok"]))], message: "should match" },
+        // Names whose children could not be named deputy-run-<name>.
+        Bad {
+            kind: "AgentRun",
+            set: vec![("metadata.name", json!("r".repeat(243)))],
+            message: "an AgentRun name is at most 242 characters",
+        },
         // A run's env: plain, well-named, never Deputy's own variables.
         Bad {
             kind: "AgentRun",
@@ -708,6 +714,8 @@ async fn an_actor_token_stops_working_with_its_pod_and_must_be_for_deputy() {
     let subject = env.run_token("gdpr-check-q4").await.unwrap();
     let pod_name = "deputy-run-gdpr-check-q4";
     let pods: Api<Pod> = env.api();
+    // Deputy writes the Authorized status just before it creates the pod (issue 11).
+    assert!(wait_until(T, || async { pods.get_opt(pod_name).await.unwrap().is_some() }).await, "the pod exists");
     let first_uid = pods.get(pod_name).await.unwrap().metadata.uid.unwrap();
     let old = env.actor_token("gdpr-check-q4").await;
     let (status, body) = env.post("/token", &exchange_form(&subject, &old), None).await;

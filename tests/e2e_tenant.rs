@@ -316,3 +316,32 @@ async fn grants_add_up_as_pairs_at_the_token_endpoint() {
         "read at staging was never consented: {body}"
     );
 }
+
+/// Finding 4: child names were shortened, so a crafted 250-character run name mapped onto
+/// another run's ServiceAccount and Secret. A run's name now fits its children unshortened:
+/// refused by the CRD on a real API server, Denied by Deputy where nothing validates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_name_cannot_be_shortened_onto_another_runs_children() {
+    let env = Env::start().await;
+    let bob = bob(&env).await;
+    bobs_grant(&env, &bob).await;
+    let name = "r".repeat(243);
+    let run = bobs_run(&env, &name);
+    match create_object(&bob, &run, false).await {
+        Err((422, msg)) if env.cluster.is_some() => assert!(msg.contains("at most 242 characters"), "{msg}"),
+        Ok(_) if env.cluster.is_none() => {
+            let denied = env.wait_phase(&name, "Denied", T).await;
+            assert_eq!(denied.status.unwrap().reason.as_deref(), Some("InvalidSpec"));
+            let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> = env.api();
+            assert!(
+                sas.list(&Default::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .iter()
+                    .all(|s| { !s.metadata.name.as_deref().unwrap_or("").starts_with("deputy-run-rrr") })
+            );
+        }
+        other => panic!("a 243-character run name was not refused: {other:?}"),
+    }
+}

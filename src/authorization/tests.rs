@@ -274,6 +274,7 @@ fn refusals() {
     bad_deny.spec.expires_at = Some("tomorrow".into());
     let mut deputy_env = run("r", &["compliance:audit"]);
     deputy_env.spec.env = vec![RunEnvVar { name: "DEPUTY_TOKEN_FILE".into(), value: "/etc/shadow".into() }];
+    let long_name = run(&"r".repeat(MAX_RUN_NAME + 1), &["compliance:audit"]);
     let mut in_deputy_ns = run("r", &["compliance:audit"]);
     in_deputy_ns.metadata.namespace = Some("deputy-system".into());
     let mut no_containers = gdpr_agent();
@@ -365,6 +366,7 @@ fn refusals() {
             Reason::NoAudienceGranted,
         ),
         (case("a DEPUTY_* env", deputy_env, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
+        (case("a name whose children would be shortened", long_name, gdpr_agent(), ok_grants()), Reason::InvalidSpec),
         (case("in Deputy's namespace", in_deputy_ns, gdpr_agent(), ok_grants()), Reason::ReservedNamespace),
         (
             case("agent template without containers", run("r", &["compliance:audit"]), no_containers, ok_grants()),

@@ -94,6 +94,17 @@ fn template() -> serde_json::Value {
 }
 
 #[test]
+fn every_run_name_deputy_accepts_names_its_children_unshortened() {
+    // So two runs never share a child: the old collision was a long name shortened to
+    // `<prefix>-<hash>`, which a second run could take as its own name.
+    for len in [1, 100, crate::authorization::MAX_RUN_NAME] {
+        let name = "x".repeat(len);
+        assert_eq!(child_name(&name), format!("deputy-run-{name}"));
+    }
+    assert_eq!(child_name(&"x".repeat(crate::authorization::MAX_RUN_NAME)).len(), 253);
+}
+
+#[test]
 fn names_are_deterministic_and_bounded() {
     assert_eq!(child_name("gdpr-check-q4"), "deputy-run-gdpr-check-q4");
     let long = "a".repeat(253);
