@@ -358,13 +358,15 @@ async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_a
     // The chart's policy exactly as rendered, its binding limited to this test's namespace so
     // no other test sees it.
     let name = format!("deputy-e2e-principal-{}", env.ns);
+    let status_policy = format!("deputy-e2e-status-{}", env.ns);
     let mut rendered = kube_backend::render_chart(&env.operator_ns, &[]);
     rendered.retain(|o| o["kind"].as_str().is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy")));
-    assert_eq!(rendered.len(), 2, "the chart renders a policy and its binding by default");
+    assert_eq!(rendered.len(), 4, "the chart renders two policies (principal, status) and their bindings");
     for mut o in rendered {
-        o["metadata"]["name"] = json!(name);
+        let ours = if o["metadata"]["name"].as_str().unwrap().ends_with("-status") { &status_policy } else { &name };
+        o["metadata"]["name"] = json!(ours);
         if o["kind"] == "ValidatingAdmissionPolicyBinding" {
-            o["spec"]["policyName"] = json!(name);
+            o["spec"]["policyName"] = json!(ours);
             o["spec"]["matchResources"] =
                 json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.ns}}});
         }
@@ -434,6 +436,25 @@ async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_a
     let (code, msg) = create(&orchestrator, &run_for(&run, "orch-3", BOB)).await.unwrap_err();
     assert_eq!(code, 403, "but not for Bob: {msg}");
 
+    // Nobody but Deputy writes a status, even with RBAC for it: Bob (who may patch
+    // agentruns/status in this namespace) cannot forge Alice's run's, nor can Alice.
+    let status_path = format!("{}/{}/status", collection(&mine), mine["metadata"]["name"].as_str().unwrap());
+    let forge = |who: Client| {
+        let path = status_path.clone();
+        async move {
+            let req = http::Request::patch(path)
+                .header("content-type", "application/merge-patch+json")
+                .body(serde_json::to_vec(&json!({"status": {"phase": "Authorized", "tokenTTL": "999999h"}})).unwrap())
+                .unwrap();
+            send(&who, req).await
+        }
+    };
+    let refused = wait_until(T, || async { forge(bob.clone()).await.is_err_and(|(code, _)| code == 403) }).await;
+    assert!(refused, "the status policy was not enforced within {T:?}");
+    let (_, msg) = forge(bob.clone()).await.unwrap_err();
+    assert!(msg.contains("is written only by Deputy") && msg.contains(BOB), "{msg}");
+    assert_eq!(forge(alice.clone()).await.unwrap_err().0, 403, "not even the principal writes a status");
+
     // Tidy the cluster-scoped objects (the namespace goes with the test).
     for obj in [&binding, &role] {
         let ar = kube_backend::resource_of(&env.client, obj).await;
@@ -441,6 +462,7 @@ async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_a
         let _ = api.delete(&name, &DeleteParams::default()).await;
     }
     remove_policy(&env.client, &name).await;
+    remove_policy(&env.client, &status_policy).await;
 }
 
 async fn remove_policy(client: &Client, name: &str) {

@@ -460,13 +460,28 @@ def simulate_vap(vap: dict, *, user: str, op: str, resource: str, obj: dict, old
 
 
 def check_vap(label: str, docs: list, values: dict, crds: dict, sa_user: str) -> None:
-    vaps = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
-    bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    all_vaps = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    all_bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
     a = values["admission"]
     if not a["enabled"]:
-        check(f"{label}: admission.enabled=false renders no policy", not vaps and not bindings)
+        check(f"{label}: admission.enabled=false renders no policy", not all_vaps and not all_bindings)
         return
-    if not check(f"{label}: one ValidatingAdmissionPolicy and one binding", len(vaps) == 1 and len(bindings) == 1):
+    check(f"{label}: two ValidatingAdmissionPolicies (principal, status), each with a binding",
+          len(all_vaps) == 2 and len(all_bindings) == 2)
+    # The status policy: only Deputy's ServiceAccount writes the status of the three kinds.
+    status_vaps = [d for d in all_vaps if d["metadata"]["name"].endswith("-status")]
+    if check(f"{label}: a status policy", len(status_vaps) == 1):
+        sp = status_vaps[0]["spec"]
+        res = sorted(r for rule in sp["matchConstraints"]["resourceRules"] for r in rule["resources"])
+        check(f"{label}: status policy matches the three status subresources",
+              res == ["agentruns/status", "agents/status", "delegationgrants/status"], str(res))
+        check(f"{label}: status policy allows only Deputy's ServiceAccount",
+              any(sa_user in v["expression"] for v in sp["validations"]))
+        check(f"{label}: status policy is bound", any(b["spec"]["policyName"] == status_vaps[0]["metadata"]["name"]
+                                                       for b in all_bindings))
+    vaps = [d for d in all_vaps if d["metadata"]["name"].endswith("-principal")]
+    bindings = [d for d in all_bindings if vaps and d["spec"]["policyName"] == vaps[0]["metadata"]["name"]]
+    if not check(f"{label}: one principal policy and its binding", len(vaps) == 1 and len(bindings) == 1):
         return
     vap, binding = vaps[0], bindings[0]
     spec = vap["spec"]

@@ -316,7 +316,7 @@ pub async fn let_users_manage_runs(client: &Client, ns: &str) {
     let role = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": {"name": "deputy-users", "namespace": ns},
-        "rules": [{"apiGroups": ["deputy.dev"], "resources": ["agentruns", "delegationgrants"],
+        "rules": [{"apiGroups": ["deputy.dev"], "resources": ["agentruns", "delegationgrants", "agentruns/status"],
                    "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
     });
     let binding = json!({
