@@ -270,7 +270,7 @@ pub struct AgentRunSpec {
     pub agent: String,
 
     /// The principal the agent acts for, e.g. `alice@example.com`. Immutable. Admission
-    /// allows only that user (or someone allowed to impersonate them) to name them.
+    /// allows only that user (or someone allowed to `act-for` them) to name them.
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("principal is immutable"))]
     pub principal: String,

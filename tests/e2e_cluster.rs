@@ -412,15 +412,52 @@ async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_a
     let (code, msg) = merge(&alice, &mine, &json!({"spec": {"principal": BOB}})).await.unwrap_err();
     assert!(code == 422 || code == 403, "{code} {msg}");
 
-    // An orchestrator without the permission is refused...
+    // Bob may not revoke Alice's run, nor drop Deputy's finalizer from it, nor delete her
+    // consent (RBAC lets him update and delete runs and grants in this namespace); Alice may.
+    let annotate = json!({"metadata": {"annotations": {"deputy.dev/revoke-requested": "2026-12-02T00:00:00Z"}}});
+    let (code, msg) = merge(&bob, &mine, &annotate).await.unwrap_err();
+    assert_eq!(code, 403, "Bob may not set deputy.dev/* annotations on Alice's run: {msg}");
+    let (code, _) = merge(&bob, &mine, &json!({"metadata": {"finalizers": ["deputy.dev/cleanup"]}})).await.unwrap_err();
+    assert_eq!(code, 403, "Bob may not change Deputy's finalizers on Alice's run");
+    merge(&bob, &mine, &json!({"metadata": {"labels": {"team": "b"}}})).await.expect("a label is no claim");
+    let grant_path = format!("{}/{}", collection(&grant), grant["metadata"]["name"].as_str().unwrap());
+    let delete_as = |who: Client| {
+        let path = grant_path.clone();
+        async move { send(&who, http::Request::delete(path).body(Vec::new()).unwrap()).await }
+    };
+    let (code, msg) = delete_as(bob.clone()).await.unwrap_err();
+    assert_eq!(code, 403, "Bob may not delete Alice's grant: {msg}");
+    merge(&alice, &mine, &annotate).await.expect("Alice revokes her own run");
+
+    // An orchestrator without the permission is refused, and `impersonate` is not it: that
+    // would let it be Alice against the whole API.
     let (code, msg) = create(&orchestrator, &run_for(&run, "orch-1", ALICE)).await.unwrap_err();
     assert_eq!(code, 403, "{msg}");
     assert!(msg.contains(ORCHESTRATOR), "{msg}");
-    // ...and with it, allowed for exactly the principals it names.
-    let role = json!({
+    let impersonate = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": {"name": name},
         "rules": [{"apiGroups": [""], "resources": ["users"], "verbs": ["impersonate"], "resourceNames": [ALICE]}],
+    });
+    let impersonate_binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": ORCHESTRATOR}],
+    });
+    kube_backend::apply(&env.client, &impersonate).await;
+    kube_backend::apply(&env.client, &impersonate_binding).await;
+    // Give RBAC's informers a moment: the act-for grant below is awaited the same way.
+    let still_refused = wait_until(Duration::from_secs(3), || async {
+        create(&orchestrator, &run_for(&run, "orch-imp", ALICE)).await.is_ok()
+    })
+    .await;
+    assert!(!still_refused, "impersonate must not let an orchestrator name Alice");
+    // With act-for, it is allowed for exactly the principals it names.
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": [{"apiGroups": ["deputy.dev"], "resources": ["principals"], "verbs": ["act-for"], "resourceNames": [ALICE]}],
     });
     let binding = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -435,6 +472,7 @@ async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_a
     assert!(allowed, "the orchestrator may act for Alice once RBAC says so");
     let (code, msg) = create(&orchestrator, &run_for(&run, "orch-3", BOB)).await.unwrap_err();
     assert_eq!(code, 403, "but not for Bob: {msg}");
+    delete_as(orchestrator.clone()).await.expect("an orchestrator acting for Alice deletes her grant");
 
     // Nobody but Deputy writes a status, even with RBAC for it: Bob (who may patch
     // agentruns/status in this namespace) cannot forge Alice's run's, nor can Alice.

@@ -371,7 +371,9 @@ def check_cel_refs(label: str, expr: str, crds: dict, variables_before: list, ki
         return
     check(f"{label}: CEL compiles", True)
     paths, idents = cel_refs(tree)
-    bad = sorted(i for i in idents if i not in VAP_ROOTS and i not in CEL_FUNCS)
+    # Variables bound by a comprehension macro (`list.filter(f, …)`, `map.map(k, …)`).
+    bound = set(re.findall(r"\.(?:filter|map|all|exists|exists_one)\(\s*([A-Za-z_]\w*)\s*,", expr))
+    bad = sorted(i for i in idents if i not in VAP_ROOTS and i not in CEL_FUNCS and i not in bound)
     check(f"{label}: uses only the admission variables", not bad, f"unknown identifiers {bad} in {expr!r}")
     if where == "messageExpression":
         check(f"{label}: no authorizer in a messageExpression", "authorizer" not in idents, expr)
@@ -415,7 +417,7 @@ def cel_eval(expr: str, activation: dict):
 
 
 def simulate_vap(vap: dict, *, user: str, op: str, resource: str, obj: dict, old: dict | None,
-                 can_impersonate: set, subresource: str = "") -> tuple[str, str]:
+                 can_act_for: set, subresource: str = "") -> tuple[str, str]:
     """Evaluates the policy as the API server would. Returns (outcome, message), outcome in
     skip | allow | deny."""
     spec = vap["spec"]
@@ -427,15 +429,17 @@ def simulate_vap(vap: dict, *, user: str, op: str, resource: str, obj: dict, old
         return "skip", ""
 
     def authz(attrs: dict) -> bool:
-        return (attrs.get("group") == "" and attrs.get("resource") == "users" and attrs.get("verb") == "impersonate"
-                and attrs.get("name") in can_impersonate)
+        # RBAC as the test case says: the user may act-for exactly the principals in can_act_for.
+        return (attrs.get("group") == "deputy.dev" and attrs.get("resource") == "principals"
+                and attrs.get("verb") == "act-for" and attrs.get("name") in can_act_for)
 
+    meta = (obj if obj is not None else old)["metadata"]
     act = {
-        "object": celpy.json_to_cel(obj),
+        "object": celpy.json_to_cel(obj) if obj is not None else None,
         "oldObject": celpy.json_to_cel(old) if old is not None else None,
         "request": celpy.json_to_cel({"operation": op, "userInfo": {"username": user, "groups": ["system:authenticated"]},
-                                      "subResource": subresource, "namespace": obj["metadata"].get("namespace", ""),
-                                      "name": obj["metadata"]["name"],
+                                      "subResource": subresource, "namespace": meta.get("namespace", ""),
+                                      "name": meta["name"],
                                       "resource": {"group": "deputy.dev", "version": "v1alpha1", "resource": resource}}),
         "authorizer": celpy.json_to_cel({}),
         "_authz": authz,
@@ -493,9 +497,11 @@ def check_vap(label: str, docs: list, values: dict, crds: dict, sa_user: str) ->
     rules = spec["matchConstraints"]["resourceRules"]
     res = sorted(r for rule in rules for r in rule["resources"])
     ops = sorted({o for rule in rules for o in rule["operations"]})
-    check(f"{label}: VAP matches agentruns and delegationgrants (main resource only), CREATE and UPDATE",
-          res == ["agentruns", "delegationgrants"] and ops == ["CREATE", "UPDATE"]
-          and all(rule["apiGroups"] == ["deputy.dev"] for rule in rules), f"{res} {ops}")
+    by_res = {r: sorted(rule["operations"]) for rule in rules for r in rule["resources"]}
+    check(f"{label}: VAP matches agentruns (CREATE, UPDATE) and delegationgrants (CREATE, UPDATE, DELETE), "
+          "main resources only",
+          by_res == {"agentruns": ["CREATE", "UPDATE"], "delegationgrants": ["CREATE", "DELETE", "UPDATE"]}
+          and all(rule["apiGroups"] == ["deputy.dev"] for rule in rules), f"{by_res}")
     kinds = ["AgentRun", "DelegationGrant"]
     for kind in kinds:
         check(f"{label}: {kind} CRD has spec.principal (required)",
@@ -531,7 +537,12 @@ def check_vap(label: str, docs: list, values: dict, crds: dict, sa_user: str) ->
                 "metadata": {"name": "g1", "namespace": "marketing"},
                 "spec": {"agent": "gdpr", "principal": principal, "effect": "Allow", "scopes": scopes}}
 
-    imp = a["principalImpersonationCheck"]
+    imp = a["actForCheck"]
+    alices_grant = grant("alice@example.com", ["x:*"])
+    with_revoke = copy.deepcopy(run("alice@example.com"))
+    with_revoke["metadata"]["annotations"] = {"deputy.dev/revoke-requested": "2026-11-23T12:00:00Z"}
+    with_gc_fin = copy.deepcopy(run("alice@example.com"))
+    with_gc_fin["metadata"]["finalizers"] = ["foregroundDeletion"]
     exempt = a["exemptController"]
     with_fin = copy.deepcopy(run("alice@example.com"))
     with_fin["metadata"]["finalizers"] = ["deputy.dev/cleanup"]
@@ -539,44 +550,62 @@ def check_vap(label: str, docs: list, values: dict, crds: dict, sa_user: str) ->
     with_ann["metadata"]["annotations"] = {"deputy.dev/revoke": "true"}
     cases = [
         ("alice creates a run for herself", dict(user="alice@example.com", op="CREATE", resource="agentruns",
-                                                 obj=run("alice@example.com"), old=None, can_impersonate=set()), "allow"),
+                                                 obj=run("alice@example.com"), old=None, can_act_for=set()), "allow"),
         ("bob creates a run for alice", dict(user="bob@example.com", op="CREATE", resource="agentruns",
-                                             obj=run("alice@example.com"), old=None, can_impersonate=set()), "deny"),
+                                             obj=run("alice@example.com"), old=None, can_act_for=set()), "deny"),
         ("bob creates a grant for alice", dict(user="bob@example.com", op="CREATE", resource="delegationgrants",
-                                               obj=grant("alice@example.com", ["x:*"]), old=None, can_impersonate=set()),
+                                               obj=grant("alice@example.com", ["x:*"]), old=None, can_act_for=set()),
          "deny"),
         ("alice creates her grant", dict(user="alice@example.com", op="CREATE", resource="delegationgrants",
-                                         obj=grant("alice@example.com", ["x:*"]), old=None, can_impersonate=set()),
+                                         obj=grant("alice@example.com", ["x:*"]), old=None, can_act_for=set()),
          "allow"),
-        ("an orchestrator allowed to impersonate alice creates a run for her",
+        ("an orchestrator allowed to act-for alice creates a run for her",
          dict(user="system:serviceaccount:ops:orchestrator", op="CREATE", resource="agentruns",
-              obj=run("alice@example.com"), old=None, can_impersonate={"alice@example.com"}),
+              obj=run("alice@example.com"), old=None, can_act_for={"alice@example.com"}),
          "allow" if imp else "deny"),
-        ("an orchestrator allowed to impersonate carol creates a run for alice",
+        ("an orchestrator allowed to act-for carol creates a run for alice",
          dict(user="system:serviceaccount:ops:orchestrator", op="CREATE", resource="agentruns",
-              obj=run("alice@example.com"), old=None, can_impersonate={"carol@example.com"}), "deny"),
+              obj=run("alice@example.com"), old=None, can_act_for={"carol@example.com"}), "deny"),
         ("bob widens alice's grant (UPDATE of spec)",
          dict(user="bob@example.com", op="UPDATE", resource="delegationgrants",
               obj=grant("alice@example.com", ["x:*", "y:*"]), old=grant("alice@example.com", ["x:*"]),
-              can_impersonate=set()), "deny"),
+              can_act_for=set()), "deny"),
         ("alice updates her own run's spec",
          dict(user="alice@example.com", op="UPDATE", resource="agentruns",
-              obj=run("alice@example.com", task="t2"), old=run("alice@example.com"), can_impersonate=set()), "allow"),
+              obj=run("alice@example.com", task="t2"), old=run("alice@example.com"), can_act_for=set()), "allow"),
         ("Deputy adds its finalizer (JSON patch, spec unchanged)",
          dict(user=sa_user, op="UPDATE", resource="agentruns", obj=with_fin, old=run("alice@example.com"),
-              can_impersonate=set()), "skip"),
+              can_act_for=set()), "skip"),
         ("Deputy sets the self-revocation annotation (merge patch, spec unchanged)",
          dict(user=sa_user, op="UPDATE", resource="agentruns", obj=with_ann, old=run("alice@example.com"),
-              can_impersonate=set()), "skip"),
+              can_act_for=set()), "skip"),
         ("Deputy patches a run's status (/status)",
          dict(user=sa_user, op="UPDATE", resource="agentruns", subresource="status", obj=run("alice@example.com"),
-              old=run("alice@example.com"), can_impersonate=set()), "skip"),
-        ("the garbage collector removes a finalizer of alice's run",
+              old=run("alice@example.com"), can_act_for=set()), "skip"),
+        ("the garbage collector removes its own finalizer of alice's run",
          dict(user="system:serviceaccount:kube-system:generic-garbage-collector", op="UPDATE", resource="agentruns",
-              obj=run("alice@example.com"), old=with_fin, can_impersonate=set()), "skip"),
+              obj=run("alice@example.com"), old=with_gc_fin, can_act_for=set()), "skip"),
+        ("bob removes Deputy's finalizer from alice's run",
+         dict(user="bob@example.com", op="UPDATE", resource="agentruns",
+              obj=run("alice@example.com"), old=with_fin, can_act_for=set()), "deny"),
+        ("bob revokes alice's run with the annotation",
+         dict(user="bob@example.com", op="UPDATE", resource="agentruns",
+              obj=with_revoke, old=run("alice@example.com"), can_act_for=set()), "deny"),
+        ("alice revokes her own run with the annotation",
+         dict(user="alice@example.com", op="UPDATE", resource="agentruns",
+              obj=with_revoke, old=run("alice@example.com"), can_act_for=set()), "allow"),
+        ("bob deletes alice's grant (her Deny, say)",
+         dict(user="bob@example.com", op="DELETE", resource="delegationgrants",
+              obj=None, old=alices_grant, can_act_for=set()), "deny"),
+        ("alice deletes her grant",
+         dict(user="alice@example.com", op="DELETE", resource="delegationgrants",
+              obj=None, old=alices_grant, can_act_for=set()), "allow"),
+        ("an orchestrator allowed to act-for alice deletes her grant",
+         dict(user="system:serviceaccount:ops:orchestrator", op="DELETE", resource="delegationgrants",
+              obj=None, old=alices_grant, can_act_for={"alice@example.com"}), "allow" if imp else "deny"),
         ("Deputy's ServiceAccount changes a run's spec",
          dict(user=sa_user, op="UPDATE", resource="agentruns", obj=run("alice@example.com", task="t2"),
-              old=run("alice@example.com"), can_impersonate=set()), "skip" if exempt else "deny"),
+              old=run("alice@example.com"), can_act_for=set()), "skip" if exempt else "deny"),
     ]
     for name, kw, want in cases:
         try:
