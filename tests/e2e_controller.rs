@@ -44,7 +44,11 @@ async fn examples_become_active_runs_with_the_specified_children() {
 
     // The Secret's token verifies with the published keys and names both principals.
     let token = env.run_token("gdpr-check-q4").await.unwrap();
-    let claims = env.verifier().await.verify(&token, AudienceCheck::Exactly("gdpr-compliance-service")).unwrap();
+    // Its audience is Deputy itself: a downstream service refuses it, and only gets exchanged tokens.
+    assert!(env.verifier().await.verify(&token, AudienceCheck::Exactly("gdpr-compliance-service")).is_err());
+    let claims = env.verifier().await.verify(&token, AudienceCheck::Exactly(&env.token_url())).unwrap();
+    assert_eq!(claims.authority.len(), 1, "{:?}", claims.authority);
+    assert_eq!(claims.authority["gdpr-compliance-service"], "compliance:audit:cross_dept compliance:privacy:check");
     assert_eq!(claims.sub, "alice@example.com");
     assert_eq!(claims.act.sub, st.identity.clone().unwrap());
     assert_eq!(claims.scope, "compliance:audit:cross_dept compliance:privacy:check");
@@ -167,7 +171,8 @@ async fn a_sub_agent_chain_narrows_and_ends_with_its_parent() {
     assert_eq!(cst.delegation_chain.len(), 3);
 
     let token = env.run_token("optimise-routes-7").await.unwrap();
-    let claims = env.verifier().await.verify(&token, AudienceCheck::Exactly("inventory-service")).unwrap();
+    let claims = env.verifier().await.verify(&token, AudienceCheck::Exactly(&env.token_url())).unwrap();
+    assert_eq!(claims.authority["inventory-service"], "inventory:read");
     assert_eq!(claims.sub, "alice@example.com");
     assert_eq!(claims.act.sub, cst.identity.clone().unwrap());
     assert_eq!(claims.act.act.as_ref().unwrap().sub, pst.identity.clone().unwrap(), "the planner is nested in act");

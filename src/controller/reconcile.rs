@@ -244,11 +244,15 @@ fn revocation_reason(r: Reason) -> &'static str {
     }
 }
 
-/// Scopes and audiences a run holds.
-type Held = (Vec<scope::Scope>, Vec<String>);
+/// The (audience, scopes) pairs a run holds.
+type Held = Vec<(String, Vec<scope::Scope>)>;
 
 fn held_by_status(status: &AgentRunStatus) -> Held {
-    (scope::parse_all(&status.granted_scopes).unwrap_or_default(), status.granted_audiences.clone())
+    status
+        .granted_authority
+        .iter()
+        .map(|g| (g.audience.clone(), scope::parse_all(&g.scopes).unwrap_or_default()))
+        .collect()
 }
 
 /// What the run's current token carries, if its Secret holds one that verifies with our keys
@@ -263,18 +267,27 @@ async fn held_by_token(run: &AgentRun, ctx: &Context) -> Result<Option<Held>, Er
     if claims.run.uid != run.uid().unwrap_or_default() {
         return Ok(None);
     }
-    let scopes = claims.scopes().into_iter().filter_map(|s| scope::Scope::parse(s).ok()).collect();
-    Ok(Some((scopes, claims.aud.to_vec())))
+    let held = claims
+        .authority
+        .iter()
+        .map(|(aud, scopes)| {
+            let scopes = scopes.split(' ').filter_map(|s| scope::Scope::parse(s).ok()).collect();
+            (aud.clone(), scopes)
+        })
+        .collect();
+    Ok(Some(held))
 }
 
 /// An active run keeps only what it was given; if its grants now give less, it is revoked
-/// rather than silently narrowed (its tokens already carry the old scopes).
-fn authority_reduced((scopes, audiences): &Held, auth: &Authorization) -> Option<String> {
-    if let Some(lost) = scopes.iter().find(|s| !scope::covered_by(s, &auth.scopes)) {
-        return Some(format!("scope {lost} is no longer granted"));
-    }
-    if let Some(lost) = audiences.iter().find(|a| !auth.audiences.contains(a)) {
-        return Some(format!("audience {lost} is no longer granted"));
+/// rather than silently narrowed (its tokens already carry the old pairs).
+fn authority_reduced(held: &Held, auth: &Authorization) -> Option<String> {
+    for (aud, scopes) in held {
+        let Some((_, now_held)) = auth.authority.iter().find(|(a, _)| a == aud) else {
+            return Some(format!("audience {aud} is no longer granted"));
+        };
+        if let Some(lost) = scopes.iter().find(|s| !scope::covered_by(s, now_held)) {
+            return Some(format!("scope {lost} is no longer granted for audience {aud}"));
+        }
     }
     None
 }
@@ -391,10 +404,13 @@ async fn mint(
     let scopes = auth.scopes.clone();
     let granted_scopes: Vec<String> = scopes.iter().map(ToString::to_string).collect();
     let keys = ctx.keys.get();
+    // The run token is for Deputy alone (its audience is Deputy's issuer): downstream services
+    // only ever see single-audience exchanged tokens, which cannot be replayed across them.
+    let own_audience = [ctx.keys.issuer().to_string()];
     let claims = RunTokenSpec {
         issuer: ctx.keys.issuer(),
         principal: &run.spec.principal,
-        audiences: &auth.audiences,
+        audiences: &own_audience,
         identity: &identity,
         scope: scope::to_claim(&scopes),
         authority: auth.authority.iter().map(|(a, s)| (a.clone(), scope::to_claim(s))).collect(),

@@ -301,9 +301,10 @@ pub async fn exchange(
     // One audience, granted to the run and carried by the subject token.
     let audience = match targets.as_slice() {
         [one] => one.to_string(),
-        [] => match &subject.aud {
-            Audience::One(a) => a.clone(),
-            Audience::Many(list) if list.len() == 1 => list[0].clone(),
+        // Without a target: the one audience the subject token may be exchanged for.
+        [] => match (&subject.aud, subject.authority.len()) {
+            (_, 1) => subject.authority.keys().next().cloned().unwrap_or_default(),
+            (Audience::One(a), 0) if *a != s.issuer => a.clone(),
             _ => {
                 return Err(fail(OAuthError::new(
                     ErrorCode::InvalidTarget,
