@@ -823,7 +823,11 @@ async fn the_garbage_collector_removes_a_runs_children_through_their_owner() {
     env.apply_example("gdpr-compliance.yaml").await;
     env.wait_phase("gdpr-check-q4", "Authorized", T).await;
     let child = "deputy-run-gdpr-check-q4";
-    assert!(exists(&env.api::<Pod>(), child).await && exists(&env.api::<Secret>(), child).await);
+    // Deputy writes the Authorized status just before it creates the pod (issue 11).
+    let made =
+        wait_until(T, || async { exists(&env.api::<Pod>(), child).await && exists(&env.api::<Secret>(), child).await })
+            .await;
+    assert!(made, "the run's pod and Secret exist");
     // Without the operator (it would revoke through its finalizer), only the owner references
     // are left to clean up.
     env.kill_operator();
