@@ -398,7 +398,7 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
 
     // 3. The parent, for a sub-agent run.
     let identity = run_identity(&policy.trust_domain, namespace, &spec.agent, run_name);
-    let mut parent_bounds = None;
+    let mut parent_auth: Option<&Authorization> = None;
     if let Some(parent_name) = spec.parent_run.as_deref() {
         let Some(parent) = parent else {
             return deny(Reason::ParentNotFound, format!("parent run {parent_name:?} does not exist"));
@@ -436,14 +436,7 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
                 format!("parent run {parent_name:?} may not delegate further (maxDelegationDepth reached)"),
             );
         }
-        parent_bounds = Some((
-            (),
-            pa.authority.clone(),
-            Some(pa.token_ttl),
-            Some(pa.deadline),
-            pa.remaining_delegation_depth - 1,
-            pa.delegation_chain.clone(),
-        ));
+        parent_auth = Some(pa);
     }
 
     // 4. Grants for (principal, agent).
@@ -501,18 +494,21 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
     requested_audiences.dedup();
     let mut authority: Vec<(String, Vec<Scope>)> = vec![];
     // For each requested scope, how far it got for any audience (to say why it was dropped).
-    let mut furthest = vec![0u8; requested.len()];
+    let mut furthest = vec![Reached::Nothing; requested.len()];
     // Whether any audience was left to hold scopes at all.
     let mut scoped_any = false;
     for a in requested_audiences {
         if !agent.spec.audiences.contains(a) {
             continue;
         }
-        if let Some((_, paud, ..)) = parent_bounds.as_ref()
-            && !paud.iter().any(|(pa, _)| pa == a)
-        {
-            continue;
-        }
+        // A sub-agent may use only its parent's audiences, with at most its scopes there.
+        let parent_scopes: Option<&[Scope]> = match parent_auth {
+            Some(pa) => match pa.authority.iter().find(|(pa, _)| pa == a) {
+                Some((_, held)) => Some(held),
+                None => continue,
+            },
+            None => None,
+        };
         let granted: Vec<Scope> =
             allows.iter().filter(|g| g.audiences.contains(a)).flat_map(|g| g.scopes.iter().cloned()).collect();
         if granted.is_empty() {
@@ -525,26 +521,23 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
             continue;
         }
         scoped_any = true;
-        let parent_scopes: Option<&[Scope]> = parent_bounds
-            .as_ref()
-            .and_then(|(_, paud, ..)| paud.iter().find(|(pa, _)| pa == a).map(|(_, s)| s.as_slice()));
         let mut held = vec![];
         for (i, r) in requested.iter().enumerate() {
             let mut step = scope::intersect_sets(std::slice::from_ref(r), &ceiling);
-            let mut stage = 0u8;
+            let mut stage = Reached::Nothing;
             if !step.is_empty() {
                 step = scope::intersect_sets(&step, &granted);
-                stage = 1;
+                stage = Reached::Ceiling;
             }
             if !step.is_empty() {
                 step.retain(|s| !denies_a.iter().any(|d| d.scopes.iter().any(|x| s.overlaps(x))));
-                stage = 2;
+                stage = Reached::Grant;
             }
             if let (false, Some(ps)) = (step.is_empty(), parent_scopes) {
                 step = scope::intersect_sets(&step, ps);
-                stage = 3;
+                stage = Reached::Deny;
             }
-            furthest[i] = furthest[i].max(if step.is_empty() { stage } else { 4 });
+            furthest[i] = furthest[i].max(if step.is_empty() { stage } else { Reached::Held });
             held.extend(step);
         }
         scope::minimise(&mut held);
@@ -555,11 +548,11 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
     let mut denied_scopes = vec![];
     for (r, f) in requested.iter().zip(&furthest) {
         let why = match f {
-            4 => continue,
-            0 => scope_reason::NOT_IN_AGENT_CEILING,
-            1 => scope_reason::NOT_GRANTED,
-            2 => scope_reason::DENIED_BY_GRANT,
-            _ => scope_reason::NOT_HELD_BY_PARENT,
+            Reached::Held => continue,
+            Reached::Nothing => scope_reason::NOT_IN_AGENT_CEILING,
+            Reached::Ceiling => scope_reason::NOT_GRANTED,
+            Reached::Grant => scope_reason::DENIED_BY_GRANT,
+            Reached::Deny => scope_reason::NOT_HELD_BY_PARENT,
         };
         denied_scopes.push(DeniedScope { scope: r.to_string(), reason: why.to_string() });
     }
@@ -617,16 +610,15 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         depth = depth.min(g.max_depth);
     }
     let mut chain = vec![spec.principal.clone()];
-    if let Some(((), _, pttl, pdeadline, premaining, pchain)) = parent_bounds {
-        if let Some(t) = pttl {
-            ttl = ttl.min(t);
-        }
-        if let Some(d) = pdeadline {
-            deadline = deadline.min(d);
-        }
-        depth = depth.min(premaining);
+    if let Some(pa) = parent_auth {
+        ttl = ttl.min(pa.token_ttl);
+        deadline = deadline.min(pa.deadline);
+        // At least 1: a parent with no depth left was refused above.
+        depth = depth.min(pa.remaining_delegation_depth - 1);
         // The parent's chain already starts with the principal.
-        chain = if pchain.is_empty() { chain } else { pchain };
+        if !pa.delegation_chain.is_empty() {
+            chain = pa.delegation_chain.clone();
+        }
     }
     chain.push(identity.clone());
     let mut grant_names: Vec<String> = contributing.iter().map(|g| g.name.to_string()).collect();
@@ -645,6 +637,18 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         delegation_chain: chain,
         remaining_delegation_depth: depth,
     })
+}
+
+/// How far a requested scope got through the intersection for one audience: past the Agent's
+/// ceiling, past the grants, past the Denies, or held. The furthest over all audiences says
+/// why a dropped scope was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Reached {
+    Nothing,
+    Ceiling,
+    Grant,
+    Deny,
+    Held,
 }
 
 fn add(t: Timestamp, d: SignedDuration) -> Timestamp {

@@ -591,20 +591,13 @@ async fn install_foreign_crds(client: &Client) {
     assert!(ok, "the stand-in CRDs are Established");
 }
 
-/// Every object of a manifest exists on the server (`present`) or none does.
+/// Whether each object of a manifest exists on the server, by kind and name.
 async fn objects_exist(client: &Client, objects: &[Value], namespace: &str) -> Vec<(String, bool)> {
     let mut out = vec![];
     for o in objects {
-        let ar = kube_backend::resource_of(client, o).await;
+        let (ar, caps) = kube_backend::discover(client, o).await;
         let name = o["metadata"]["name"].as_str().unwrap();
-        let namespaced =
-            kube::discovery::pinned_kind(client, &kube::api::GroupVersionKind::gvk(&ar.group, &ar.version, &ar.kind))
-                .await
-                .unwrap()
-                .1
-                .scope
-                == kube::discovery::Scope::Namespaced;
-        let api: Api<kube::api::DynamicObject> = if namespaced {
+        let api: Api<kube::api::DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
             Api::namespaced_with(client.clone(), o["metadata"]["namespace"].as_str().unwrap_or(namespace), &ar)
         } else {
             Api::all_with(client.clone(), &ar)

@@ -132,13 +132,17 @@ pub fn render_chart(namespace: &str, extra: &[&str]) -> Vec<Value> {
 
 /// The API resource of a manifest's `apiVersion` and `kind`, found by discovery.
 pub async fn resource_of(client: &Client, obj: &Value) -> ApiResource {
+    discover(client, obj).await.0
+}
+
+/// The API resource of a manifest's `apiVersion` and `kind` and what it supports (its scope),
+/// found by discovery.
+pub async fn discover(client: &Client, obj: &Value) -> (ApiResource, kube::discovery::ApiCapabilities) {
     let api_version = obj["apiVersion"].as_str().unwrap();
     let kind = obj["kind"].as_str().unwrap();
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
-    let (ar, _caps) =
-        kube::discovery::pinned_kind(client, &gvk).await.unwrap_or_else(|e| panic!("{api_version} {kind}: {e}"));
-    ar
+    kube::discovery::pinned_kind(client, &gvk).await.unwrap_or_else(|e| panic!("{api_version} {kind}: {e}"))
 }
 
 /// Server-side applies a manifest (admin), in its own namespace when it has one.
