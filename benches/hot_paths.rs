@@ -27,7 +27,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use deputy::authorization::{Input, Policy, authorize};
 use deputy::controller::PodPhase;
 use deputy::metrics::Metrics;
-use deputy::resources::{Agent, AgentRun, DelegationGrant};
+use deputy::registration::Registrations;
+use deputy::resources::{Agent, AgentRun, DelegationGrant, ResourceServer};
 use deputy::server::review::Reviewer;
 use deputy::server::{EndpointState, router};
 use deputy::signing::{KeyMaterial, KeyStore};
@@ -104,17 +105,34 @@ fn grants(n: usize, matching: usize) -> Vec<DelegationGrant> {
         .collect()
 }
 
+/// The ResourceServer registering AUDIENCE for every namespace.
+fn server() -> ResourceServer {
+    serde_json::from_value(json!({
+        "apiVersion": "deputy.dev/v1alpha1", "kind": "ResourceServer", "metadata": {"name": AUDIENCE},
+        "spec": {"audience": AUDIENCE, "scopes": ["compliance:*"], "namespaceSelector": {}}
+    }))
+    .unwrap()
+}
+
 fn bench_authorize(c: &mut Criterion) {
     let policy = policy();
     let agent = agent();
     let run = run("uid-run", json!({}));
     let now = Timestamp::now();
+    let registered = Registrations::for_namespace(&[server()], NS, None);
     let mut g = c.benchmark_group("authorize");
     for n in [1usize, 100, 10_000] {
         let grants = grants(n, n.min(3));
         // Sanity: the run is authorised with the matching grants.
-        let d =
-            authorize(Input { run: &run, agent: Some(&agent), grants: &grants, parent: None, now, policy: &policy });
+        let d = authorize(Input {
+            run: &run,
+            agent: Some(&agent),
+            grants: &grants,
+            parent: None,
+            registered: &registered,
+            now,
+            policy: &policy,
+        });
         assert!(d.is_authorized(), "{d:?}");
         g.throughput(Throughput::Elements(1));
         g.bench_with_input(BenchmarkId::new("grants", n), &grants, |b, grants| {
@@ -124,6 +142,7 @@ fn bench_authorize(c: &mut Criterion) {
                     agent: Some(&agent),
                     grants: black_box(grants),
                     parent: None,
+                    registered: &registered,
                     now,
                     policy: &policy,
                 }))
@@ -196,6 +215,8 @@ fn bench_exchange(c: &mut Criterion) {
         "grantedAudiences": [AUDIENCE],
         "deadline": (now + SignedDuration::from_hours(1)).to_string(),
     });
+    let (resource_servers, mut rs_writer) = kube::runtime::reflector::store::<ResourceServer>();
+    rs_writer.apply_watcher_event(&watcher::Event::Apply(server()));
     let (runs, mut writer) = kube::runtime::reflector::store::<AgentRun>();
     writer.apply_watcher_event(&watcher::Event::Apply(run(&uid, status)));
     // Its pod, running (the endpoint looks it up on every exchange).
@@ -231,6 +252,8 @@ fn bench_exchange(c: &mut Criterion) {
         keys: Arc::new(KeyStore::new(&issuer, material)),
         runs,
         pods,
+        resource_servers,
+        namespaces: kube::runtime::reflector::store().0,
         reviewer: Reviewer::new(client.clone(), metrics.clone()),
         metrics,
         client,

@@ -2,7 +2,8 @@
 //! decision. No I/O, no clock of its own: the controller passes *now*, tests pass a fixed one.
 //!
 //! Effective authority is always the **intersection** of what the run asks for, what the
-//! Agent may hold (its ceiling), what the principal granted (the union of Allow grants in
+//! Agent may hold (its ceiling), what the audience's ResourceServer registers for the run's
+//! namespace, what the principal granted (the union of Allow grants in
 //! force, minus every Deny grant in force) and, for a sub-agent, what the parent run holds.
 //!
 //! Rules, in the order they are checked:
@@ -30,6 +31,7 @@ use std::borrow::Borrow;
 use jiff::{SignedDuration, Timestamp};
 
 use crate::duration;
+use crate::registration::Registrations;
 use crate::resources::{Agent, AgentRun, DelegationGrant, DeniedScope, Effect, RunPhase};
 use crate::scope::{self, Scope};
 
@@ -76,6 +78,8 @@ pub struct Input<'a, G: Borrow<DelegationGrant> = DelegationGrant> {
     pub grants: &'a [G],
     /// The parent run named by `spec.parentRun`, if it exists, with its own decision.
     pub parent: Option<Parent<'a>>,
+    /// The audiences the ResourceServers register for the run's namespace.
+    pub registered: &'a Registrations,
     pub now: Timestamp,
     pub policy: &'a Policy,
 }
@@ -123,6 +127,9 @@ pub enum Reason {
     NoScopesGranted,
     /// None of the requested audiences survives the intersection.
     NoAudienceGranted,
+    /// None survives, and some were dropped because no ResourceServer registers them for the
+    /// run's namespace (yet): a pending run waits for one.
+    AudienceNotRegistered,
     /// The run is in Deputy's own namespace (where the signing keys live).
     ReservedNamespace,
     /// The parent run does not exist (yet).
@@ -151,6 +158,7 @@ impl Reason {
             Reason::InvalidDenyGrant => "InvalidDenyGrant",
             Reason::NoScopesGranted => "NoScopesGranted",
             Reason::NoAudienceGranted => "NoAudienceGranted",
+            Reason::AudienceNotRegistered => "AudienceNotRegistered",
             Reason::ReservedNamespace => "ReservedNamespace",
             Reason::ParentNotFound => "ParentNotFound",
             Reason::ParentPending => "ParentPending",
@@ -168,6 +176,7 @@ impl Reason {
             Reason::AgentNotFound
                 | Reason::NoGrant
                 | Reason::GrantNotYetValid
+                | Reason::AudienceNotRegistered
                 | Reason::ParentNotFound
                 | Reason::ParentPending
         )
@@ -177,6 +186,7 @@ impl Reason {
 /// Why a scope was dropped.
 pub mod scope_reason {
     pub const NOT_IN_AGENT_CEILING: &str = "NotInAgentCeiling";
+    pub const NOT_REGISTERED: &str = "NotInResourceServerScopes";
     pub const NOT_GRANTED: &str = "NotGrantedByPrincipal";
     pub const DENIED_BY_GRANT: &str = "DeniedByGrant";
     pub const NOT_HELD_BY_PARENT: &str = "NotHeldByParent";
@@ -340,7 +350,7 @@ pub fn template_images(template: &serde_json::Value) -> Result<Vec<String>, Stri
 
 /// Decides whether `input.run` may act, and with what authority.
 pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
-    let Input { run, agent, grants, parent, now, policy } = input;
+    let Input { run, agent, grants, parent, registered, now, policy } = input;
     let spec = &run.spec;
     let namespace = run.metadata.namespace.as_deref().unwrap_or("default");
     let run_name = run.metadata.name.as_deref().unwrap_or("");
@@ -486,7 +496,7 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         return deny(reason, msg);
     }
 
-    // 5. Authority, per audience: requested ∩ ceiling ∩ ⋃{Allow g : a ∈ g.audiences} −
+    // 5. Authority, per audience: requested ∩ ceiling ∩ ResourceServer(a) ∩ ⋃{Allow g : a ∈ g.audiences} −
     //    ⋃{Deny d : a ∈ d.audiences or d names none} (∩ the parent's for a). Grants add up as
     //    pairs, never as (all their scopes) × (all their audiences).
     let mut requested_audiences: Vec<&String> = spec.audiences.iter().collect();
@@ -497,10 +507,20 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
     let mut furthest = vec![Reached::Nothing; requested.len()];
     // Whether any audience was left to hold scopes at all.
     let mut scoped_any = false;
+    // Why an audience the Agent may use is not registered here (for the refusal's message).
+    let mut unregistered = vec![];
     for a in requested_audiences {
         if !agent.spec.audiences.contains(a) {
             continue;
         }
+        // Only the audience's owners decide which namespaces may be given tokens for it.
+        let server_scopes = match registered.get(a) {
+            Ok(r) => &r.scopes,
+            Err(why) => {
+                unregistered.push(why.explain(a, namespace));
+                continue;
+            }
+        };
         // A sub-agent may use only its parent's audiences, with at most its scopes there.
         let parent_scopes: Option<&[Scope]> = match parent_auth {
             Some(pa) => match pa.authority.iter().find(|(pa, _)| pa == a) {
@@ -526,8 +546,12 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
             let mut step = scope::intersect_sets(std::slice::from_ref(r), &ceiling);
             let mut stage = Reached::Nothing;
             if !step.is_empty() {
-                step = scope::intersect_sets(&step, &granted);
+                step = scope::intersect_sets(&step, server_scopes);
                 stage = Reached::Ceiling;
+            }
+            if !step.is_empty() {
+                step = scope::intersect_sets(&step, &granted);
+                stage = Reached::Server;
             }
             if !step.is_empty() {
                 step.retain(|s| !denies_a.iter().any(|d| d.scopes.iter().any(|x| s.overlaps(x))));
@@ -550,7 +574,8 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         let why = match f {
             Reached::Held => continue,
             Reached::Nothing => scope_reason::NOT_IN_AGENT_CEILING,
-            Reached::Ceiling => scope_reason::NOT_GRANTED,
+            Reached::Ceiling => scope_reason::NOT_REGISTERED,
+            Reached::Server => scope_reason::NOT_GRANTED,
             Reached::Grant => scope_reason::DENIED_BY_GRANT,
             Reached::Deny => scope_reason::NOT_HELD_BY_PARENT,
         };
@@ -559,8 +584,16 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
     if authority.is_empty() {
         if !scoped_any {
             return Decision::Denied(Refusal {
-                reason: Reason::NoAudienceGranted,
-                message: format!("none of the requested audiences {:?} may be used", spec.audiences),
+                reason: if unregistered.is_empty() { Reason::NoAudienceGranted } else { Reason::AudienceNotRegistered },
+                message: if unregistered.is_empty() {
+                    format!("none of the requested audiences {:?} may be used", spec.audiences)
+                } else {
+                    format!(
+                        "none of the requested audiences {:?} may be used: {}",
+                        spec.audiences,
+                        unregistered.join("; ")
+                    )
+                },
                 denied_scopes,
             });
         }
@@ -640,12 +673,13 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
 }
 
 /// How far a requested scope got through the intersection for one audience: past the Agent's
-/// ceiling, past the grants, past the Denies, or held. The furthest over all audiences says
+/// ceiling, past the ResourceServer's scopes, past the grants, past the Denies, or held. The furthest over all audiences says
 /// why a dropped scope was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Reached {
     Nothing,
     Ceiling,
+    Server,
     Grant,
     Deny,
     Held,

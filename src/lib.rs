@@ -4,7 +4,8 @@
 //! Modules, one per concern:
 //! - [`resources`]: the `deputy.dev/v1alpha1` custom resources and their CRDs;
 //! - [`scope`], [`duration`]: the small grammars users write in those resources;
-//! - [`authorization`]: the pure decision engine (run ∩ agent ∩ grants ∩ parent);
+//! - [`registration`]: which audiences the ResourceServers register for a namespace;
+//! - [`authorization`]: the pure decision engine (run ∩ agent ∩ resource server ∩ grants ∩ parent);
 //! - [`tokens`]: claims, signing keys, minting and verification of JWTs;
 //! - [`cli`]: the `deputy` command line.
 
@@ -15,6 +16,7 @@ pub mod controller;
 pub mod duration;
 pub mod http_client;
 pub mod metrics;
+pub mod registration;
 pub mod resources;
 pub mod scope;
 pub mod server;

@@ -144,7 +144,7 @@ impl Metrics {
 
 /// Revocation reasons are a known set; anything else is counted as "Other".
 fn bounded_reason(reason: &str) -> &'static str {
-    const KNOWN: [&str; 20] = [
+    const KNOWN: [&str; 21] = [
         "PodSucceeded",
         "PodFailed",
         "PodDeleted",
@@ -162,6 +162,7 @@ fn bounded_reason(reason: &str) -> &'static str {
         "InvalidAgent",
         "NoScopesGranted",
         "NoAudienceGranted",
+        "AudienceNotRegistered",
         "ReservedNamespace",
         "ParentPrincipalMismatch",
         "DelegationDepthExceeded",

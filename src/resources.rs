@@ -1,5 +1,5 @@
-//! The three custom resources of `deputy.dev/v1alpha1`: [`Agent`], [`DelegationGrant`] and
-//! [`AgentRun`], exactly as `DESIGN.md` fixes them.
+//! The four custom resources of `deputy.dev/v1alpha1`: [`ResourceServer`] (cluster-scoped),
+//! [`Agent`], [`DelegationGrant`] and [`AgentRun`], exactly as `DESIGN.md` fixes them.
 //!
 //! Every field a user writes stays a plain string or list here (durations, timestamps, the pod
 //! template): the API server checks them with the schema and CEL rules below, and the
@@ -31,6 +31,100 @@ const DURATION_MESSAGE: &str = "must be a duration made of hours, minutes and se
 pub const SCOPE_PATTERN: &str = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$";
 
 // ---------------------------------------------------------------------------------------
+// ResourceServer
+// ---------------------------------------------------------------------------------------
+
+/// A downstream service that accepts Deputy's tokens for its audience, and the namespaces whose
+/// runs may be given tokens for it. Cluster-scoped: written by cluster administrators (or the
+/// service's owners, by RBAC on this kind), never by the tenants whose runs use it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "deputy.dev",
+    version = "v1alpha1",
+    kind = "ResourceServer",
+    shortname = "rs",
+    category = "deputy",
+    doc = "A ResourceServer registers an audience (a downstream service that accepts Deputy's tokens): which namespaces' runs may be given tokens for it, with at most which scopes and for how long. An audience no ResourceServer registers for a run's namespace is never granted.",
+    printcolumn(name = "Audience", type_ = "string", json_path = ".spec.audience"),
+    printcolumn(name = "Scopes", type_ = "string", json_path = ".spec.scopes"),
+    printcolumn(name = "Max TTL", type_ = "string", json_path = ".spec.maxTokenTTL"),
+    printcolumn(name = "DPoP", type_ = "boolean", json_path = ".spec.requireDPoP"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceServerSpec {
+    /// The exact `aud` string of tokens for this service (Agents, grants and runs name it), or
+    /// a canonical https URI (RFC 8707 resource indicator).
+    #[schemars(length(min = 1, max = 253))]
+    pub audience: String,
+
+    /// Scope patterns this service honours: a ceiling on what any run holds for it.
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$"))
+    )]
+    pub scopes: Vec<String>,
+
+    /// The namespaces whose runs may be given tokens for this audience, by their labels.
+    /// `{}` selects every namespace. Select by `kubernetes.io/metadata.name` (which the API
+    /// server sets to the namespace's name) or by labels that only administrators may write:
+    /// whoever can label a namespace can make it match.
+    pub namespace_selector: NamespaceSelector,
+
+    /// The longest lifetime of an exchanged token for this audience (at most 5m, the limit of
+    /// every exchanged token).
+    #[serde(default, rename = "maxTokenTTL", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(validation = Rule::new("!self.matches('^([0-9]{1,6}[hms]){1,3}$') || (duration(self) >= duration('10s') && duration(self) <= duration('5m'))").message("must be between 10s and 5m"))]
+    pub max_token_ttl: Option<String>,
+
+    /// Whether every exchange for this audience must carry a DPoP proof (RFC 9449), so that its
+    /// tokens are bound to the caller's key.
+    #[serde(default, rename = "requireDPoP", skip_serializing_if = "std::ops::Not::not")]
+    pub require_dpop: bool,
+}
+
+/// A label selector (the shape of `metav1.LabelSelector`): every `matchLabels` entry and every
+/// expression must hold.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceSelector {
+    /// Labels the namespace must carry, with these values.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub match_labels: std::collections::BTreeMap<String, String>,
+    /// Requirements on the namespace's labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub match_expressions: Vec<SelectorRequirement>,
+}
+
+/// One requirement of a [`NamespaceSelector`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("(self.operator == 'In' || self.operator == 'NotIn') == (has(self.values) && size(self.values) > 0)").message("In and NotIn need values; Exists and DoesNotExist take none"))]
+pub struct SelectorRequirement {
+    /// The label key.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
+    pub operator: SelectorOperator,
+    /// The values of `In` and `NotIn`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 63)))]
+    pub values: Vec<String>,
+}
+
+/// The operator of a [`SelectorRequirement`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+// ---------------------------------------------------------------------------------------
 // Agent
 // ---------------------------------------------------------------------------------------
 
@@ -45,7 +139,7 @@ pub const SCOPE_PATTERN: &str = r"^[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/]+)*(:\*)?$
     status = "AgentStatus",
     shortname = "agent",
     category = "deputy",
-    doc = "An Agent is a kind of AI agent registered by the platform team: the scopes, audiences, token lifetime and container images any run of it may have.",
+    doc = "An Agent is a kind of AI agent registered by the platform team: the scopes, audiences and token lifetime any run of it may have, and the pod every run of it starts.",
     printcolumn(name = "Audiences", type_ = "string", json_path = ".spec.audiences"),
     printcolumn(name = "Max TTL", type_ = "string", json_path = ".spec.maxTokenTTL"),
     printcolumn(name = "Active Runs", type_ = "integer", json_path = ".status.activeRuns"),
@@ -552,7 +646,7 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut cond: Condition) {
 /// The CRDs of all three resources, in the order they are printed by `deputy crd`.
 pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![Agent::crd(), DelegationGrant::crd(), AgentRun::crd()]
+    vec![ResourceServer::crd(), Agent::crd(), DelegationGrant::crd(), AgentRun::crd()]
 }
 
 /// The CRDs as YAML documents, one per kind, keyed by the file name used in `crds/`.
@@ -611,10 +705,14 @@ mod tests {
     fn crds_carry_short_names_status_and_cel_rules() {
         let crds = crds();
         let shorts: Vec<_> = crds.iter().map(|c| c.spec.names.short_names.clone().unwrap_or_default()).collect();
-        assert_eq!(shorts, vec![vec!["agent".to_string()], vec!["dg".to_string()], vec!["ar".to_string()]]);
+        assert_eq!(shorts, [["rs"], ["agent"], ["dg"], ["ar"]].map(|s| vec![s[0].to_string()]));
+        let scopes: Vec<&str> = crds.iter().map(|c| c.spec.scope.as_str()).collect();
+        assert_eq!(scopes, ["Cluster", "Namespaced", "Namespaced", "Namespaced"]);
         for crd in &crds {
             let v = &crd.spec.versions[0];
-            assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+            // A ResourceServer is written by administrators only and has nothing to report.
+            let has_status = v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some();
+            assert_eq!(has_status, crd.spec.names.kind != "ResourceServer", "{}", crd.spec.names.kind);
             assert!(v.additional_printer_columns.as_ref().is_some_and(|c| c.len() >= 3));
         }
         let yaml = crd_yaml().unwrap_or_default();

@@ -6,8 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use deputy::authorization::{Authorization, Decision, Input, Parent, Policy, authorize};
+use deputy::registration::{NAMESPACE_NAME_LABEL, Registrations};
 use deputy::resources::{
-    Agent, AgentRun, AgentRunSpec, AgentRunStatus, AgentSpec, DelegationGrant, DelegationGrantSpec, Effect, RunPhase,
+    Agent, AgentRun, AgentRunSpec, AgentRunStatus, AgentSpec, DelegationGrant, DelegationGrantSpec, Effect,
+    NamespaceSelector, ResourceServer, ResourceServerSpec, RunPhase,
 };
 use deputy::scope::{self, Scope};
 use jiff::{SignedDuration, Timestamp};
@@ -65,6 +67,43 @@ fn meta(name: &str) -> ObjectMeta {
         creation_timestamp: Some(Time(created())),
         ..Default::default()
     }
+}
+
+/// ResourceServers for the audiences: for each, usually one with a broad ceiling, mostly
+/// selecting the runs' namespace, sometimes another one; sometimes a second server.
+fn servers() -> impl Strategy<Value = Vec<ResourceServer>> {
+    let one = |audience: &'static str| {
+        (prop::collection::vec(broad_pattern(), 1..=2), prop::bool::weighted(0.9), 0..10u8).prop_map(
+            move |(scopes, here, n)| {
+                let ns = if here { "team" } else { "elsewhere" };
+                ResourceServer::new(
+                    &format!("{audience}-{ns}-{n}"),
+                    ResourceServerSpec {
+                        audience: audience.to_string(),
+                        scopes,
+                        namespace_selector: NamespaceSelector {
+                            match_labels: [(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())].into(),
+                            ..Default::default()
+                        },
+                        max_token_ttl: None,
+                        require_dpop: false,
+                    },
+                )
+            },
+        )
+    };
+    let per_audience = |audience: &'static str| prop::collection::vec(one(audience), 1..=2);
+    (per_audience("s1"), per_audience("s2"), per_audience("s3"))
+        .prop_map(|(a, b, c)| a.into_iter().chain(b).chain(c).collect())
+}
+
+/// Whether one of `servers` registers `scope` at `audience` for the namespace `team`.
+fn registered(servers: &[ResourceServer], audience: &str, scope: &Scope) -> bool {
+    servers.iter().any(|rs| {
+        rs.spec.audience == audience
+            && rs.spec.namespace_selector.match_labels.get(NAMESPACE_NAME_LABEL).map(String::as_str) == Some("team")
+            && scope::covered_by(scope, &parse(&rs.spec.scopes))
+    })
 }
 
 fn agent() -> impl Strategy<Value = Agent> {
@@ -172,6 +211,7 @@ fn in_force(g: &DelegationGrant) -> bool {
 fn check(
     run: &AgentRun,
     agent: &Agent,
+    servers: &[ResourceServer],
     grants: &[DelegationGrant],
     policy: &Policy,
     parent: Option<&Authorization>,
@@ -192,6 +232,10 @@ fn check(
         for s in held {
             assert!(scope::covered_by(s, &requested), "{s} at {aud} was not asked for");
             assert!(scope::covered_by(s, &ceiling), "{s} at {aud} is outside the Agent's ceiling");
+            assert!(
+                registered(servers, aud, s),
+                "{s} at {aud} is not registered by a ResourceServer for the namespace"
+            );
             let consented = live.iter().any(|g| {
                 g.spec.effect == Effect::Allow
                     && g.spec.audiences.contains(aud)
@@ -263,22 +307,30 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
 
     #[test]
-    fn a_top_level_run_holds_only_consented_pairs(agent in agent(), grants in grants(), run in run("r")) {
+    fn a_top_level_run_holds_only_consented_pairs(
+        agent in agent(), servers in servers(), grants in grants(), run in run("r"),
+    ) {
         let policy = policy();
-        let d = authorize(Input { run: &run, agent: Some(&agent), grants: &grants, parent: None, now: now(), policy: &policy });
+        let registered = Registrations::for_namespace(&servers, "team", None);
+        let d = authorize(Input {
+            run: &run, agent: Some(&agent), grants: &grants, parent: None, registered: &registered, now: now(), policy: &policy,
+        });
         if let Decision::Authorized(a) = &d {
-            check(&run, &agent, &grants, &policy, None, a);
+            check(&run, &agent, &servers, &grants, &policy, None, a);
         }
     }
 
     #[test]
     fn a_sub_agent_holds_only_what_its_parent_holds(
-        agent in agent(), grants in grants(), parent in run("p"), child in run("c"),
+        agent in agent(), servers in servers(), grants in grants(), parent in run("p"), child in run("c"),
     ) {
         let policy = policy();
+        let registered = Registrations::for_namespace(&servers, "team", None);
         let mut parent = parent;
         parent.status = Some(AgentRunStatus { phase: Some(RunPhase::Running), ..Default::default() });
-        let pd = authorize(Input { run: &parent, agent: Some(&agent), grants: &grants, parent: None, now: now(), policy: &policy });
+        let pd = authorize(Input {
+            run: &parent, agent: Some(&agent), grants: &grants, parent: None, registered: &registered, now: now(), policy: &policy,
+        });
         let mut child = child;
         child.spec.parent_run = Some("p".into());
         let d = authorize(Input {
@@ -286,11 +338,14 @@ proptest! {
             agent: Some(&agent),
             grants: &grants,
             parent: Some(Parent { run: &parent, decision: &pd }),
+            registered: &registered,
             now: now(),
             policy: &policy,
         });
         match (&pd, &d) {
-            (Decision::Authorized(p), Decision::Authorized(a)) => check(&child, &agent, &grants, &policy, Some(p), a),
+            (Decision::Authorized(p), Decision::Authorized(a)) => {
+                check(&child, &agent, &servers, &grants, &policy, Some(p), a)
+            }
             (Decision::Denied(_), Decision::Authorized(_)) => prop_assert!(false, "a child of a denied parent was authorised"),
             _ => {}
         }
@@ -302,17 +357,19 @@ proptest! {
 fn the_generators_reach_authorised_and_denied_runs() {
     use proptest::strategy::ValueTree;
     let mut runner = proptest::test_runner::TestRunner::deterministic();
-    let strategy = (agent(), grants(), run("r"));
+    let strategy = (agent(), servers(), grants(), run("r"));
     let policy = policy();
     let (mut authorised, mut pairs_of_several_audiences, mut denied) = (0, 0, 0);
     let mut reasons = std::collections::BTreeMap::new();
     for _ in 0..2000 {
-        let (agent, grants, run) = strategy.new_tree(&mut runner).unwrap().current();
+        let (agent, servers, grants, run) = strategy.new_tree(&mut runner).unwrap().current();
+        let registered = Registrations::for_namespace(&servers, "team", None);
         match authorize(Input {
             run: &run,
             agent: Some(&agent),
             grants: &grants,
             parent: None,
+            registered: &registered,
             now: now(),
             policy: &policy,
         }) {

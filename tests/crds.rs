@@ -10,7 +10,7 @@ const DIRS: [&str; 2] = ["crds", "charts/deputy/crds"];
 fn committed_crds_equal_the_generated_ones() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let files = deputy::resources::crd_files().expect("CRDs render");
-    assert_eq!(files.len(), 3);
+    assert_eq!(files.len(), 4);
     if std::env::var_os("DEPUTY_UPDATE_CRDS").is_some() {
         for dir in DIRS {
             for (name, yaml) in &files {

@@ -48,16 +48,27 @@ fn workspace() -> &'static Path {
 
 /// The objects of `examples/gdpr-compliance.yaml`, moved into `ns`: (agent, grant, run).
 fn gdpr_objects(ns: &str) -> (Value, Value, Value) {
+    let (_, agent, grant, run) = gdpr_objects_and_server(ns);
+    (agent, grant, run)
+}
+
+/// The same, with the example's ResourceServer (cluster-scoped, renamed after `ns`).
+fn gdpr_objects_and_server(ns: &str) -> (Value, Value, Value, Value) {
     let text = std::fs::read_to_string(workspace().join("examples/gdpr-compliance.yaml")).unwrap();
     let mut docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .filter(|v: &Value| !v.is_null())
         .collect();
     for d in &mut docs {
-        d["metadata"]["namespace"] = json!(ns);
+        if d["kind"] == "ResourceServer" {
+            d["metadata"]["name"] = json!(format!("gdpr-{ns}"));
+            d["metadata"]["labels"] = json!({kube_backend::E2E_LABEL: "true"});
+        } else {
+            d["metadata"]["namespace"] = json!(ns);
+        }
     }
     let of = |kind: &str| docs.iter().find(|d| d["kind"] == kind).cloned().unwrap();
-    (of("Agent"), of("DelegationGrant"), of("AgentRun"))
+    (of("ResourceServer"), of("Agent"), of("DelegationGrant"), of("AgentRun"))
 }
 
 /// POST with `fieldValidation=Strict`, as `kubectl apply --validate=strict` does.
@@ -165,6 +176,30 @@ async fn every_crd_rule_and_bound_refuses_a_bad_object_with_its_message() {
         },
         Bad { kind: "Agent", set: vec![("spec.maxTokenTTL", json!("25h"))], message: "must be between 30s and 24h" },
         Bad {
+            kind: "ResourceServer",
+            set: vec![("spec.maxTokenTTL", json!("6m"))],
+            message: "must be between 10s and 5m",
+        },
+        Bad {
+            kind: "ResourceServer",
+            set: vec![("spec.namespaceSelector", json!({"matchExpressions": [{"key": "k", "operator": "In"}]}))],
+            message: "In and NotIn need values; Exists and DoesNotExist take none",
+        },
+        Bad {
+            kind: "ResourceServer",
+            set: vec![(
+                "spec.namespaceSelector",
+                json!({"matchExpressions": [{"key": "k", "operator": "Exists", "values": ["v"]}]}),
+            )],
+            message: "In and NotIn need values; Exists and DoesNotExist take none",
+        },
+        Bad {
+            kind: "ResourceServer",
+            set: vec![("spec.namespaceSelector", json!({"matchExpressions": [{"key": "k", "operator": "Like"}]}))],
+            message: "Unsupported value",
+        },
+        Bad { kind: "ResourceServer", set: vec![("spec.namespaceSelector", Value::Null)], message: "Required value" },
+        Bad {
             kind: "Agent",
             set: vec![("spec.maxTokenTTL", json!("-1m"))],
             message: "must be a duration made of hours, minutes and seconds",
@@ -258,8 +293,9 @@ async fn every_crd_rule_and_bound_refuses_a_bad_object_with_its_message() {
             message: "unknown field \"spec.env[0].valueFrom\"",
         },
     ];
-    let (agent, grant, run) = gdpr_objects(&env.ns);
+    let (server, agent, grant, run) = gdpr_objects_and_server(&env.ns);
     let base = |kind: &str| match kind {
+        "ResourceServer" => server.clone(),
         "Agent" => agent.clone(),
         "DelegationGrant" => grant.clone(),
         _ => run.clone(),
@@ -727,6 +763,8 @@ async fn kubectl_shows_the_printer_columns_and_explains_the_fields() {
         "agentrun.deputy.dev/gdpr-check-q4",
         "agent.deputy.dev/gdpr-compliance-agent",
         "delegationgrant.deputy.dev/alice-gdpr",
+        // Cluster-scoped, listed with the namespace's objects.
+        "resourceserver.deputy.dev/gdpr-compliance-service-",
     ] {
         assert!(all.contains(v), "{all}");
     }

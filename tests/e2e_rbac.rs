@@ -20,7 +20,7 @@ use support::Env;
 /// The API group of a resource the operator uses.
 fn group_of(resource: &str) -> &'static str {
     match resource {
-        "agents" | "agentruns" | "delegationgrants" => "deputy.dev",
+        "agents" | "agentruns" | "delegationgrants" | "resourceservers" => "deputy.dev",
         "leases" => "coordination.k8s.io",
         "events" => "events.k8s.io",
         "tokenreviews" => "authentication.k8s.io",

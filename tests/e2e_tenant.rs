@@ -267,6 +267,8 @@ async fn grants_add_up_as_pairs_at_the_token_endpoint() {
                         "scopes": ["data:read", "data:write"], "audiences": ["staging-db", "prod-db"],
                         "tokenTTL": "10m", "maxDuration": "1h"}}),
     ];
+    env.register("staging-db", &["data:*"]).await;
+    env.register("prod-db", &["data:*"]).await;
     for o in &objects {
         create_object(&env.client, o, true).await.unwrap();
     }
@@ -344,4 +346,130 @@ async fn a_run_name_cannot_be_shortened_onto_another_runs_children() {
         }
         other => panic!("a 243-character run name was not refused: {other:?}"),
     }
+}
+
+/// The example's Agent and Alice's grant, without its ResourceServer.
+async fn gdpr_unregistered(env: &Env) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gdpr-compliance.yaml");
+    let yaml = std::fs::read_to_string(path).unwrap();
+    let docs: Vec<String> = yaml
+        .split("\n---\n")
+        .filter(|d| d.contains("kind: Agent\n") || d.contains("kind: DelegationGrant\n"))
+        .map(String::from)
+        .collect();
+    env.apply_yaml(&docs.join("\n---\n")).await;
+}
+
+fn alices_run(env: &Env, name: &str) -> Value {
+    json!({
+        "apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
+        "metadata": {"name": name, "namespace": env.ns},
+        "spec": {"agent": "gdpr-compliance-agent", "principal": "alice@example.com", "task": "check",
+                 "scopes": ["compliance:privacy:check"], "audiences": ["gdpr-compliance-service"],
+                 "maxDuration": "1h"},
+    })
+}
+
+/// Finding 4 (Agents are namespaced and unowned): whoever could create an Agent got any scope
+/// for any audience. An audience is now granted only where its owners register it: an Agent and
+/// a grant in a namespace no ResourceServer selects give nothing; registered elsewhere, still
+/// nothing; registered here, within the server's scopes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audience_is_granted_only_where_a_resource_server_registers_it() {
+    let env = Env::start().await;
+    gdpr_unregistered(&env).await;
+    env.apply_value(alices_run(&env, "unregistered")).await;
+    // Pending, not Denied: the audience's owners may still register it.
+    let waiting = env
+        .wait_run("unregistered", T, |r| {
+            r.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("AudienceNotRegistered")
+        })
+        .await
+        .status
+        .unwrap();
+    assert_eq!(waiting.phase, Some(deputy::resources::RunPhase::Pending));
+    assert!(waiting.service_account.is_none() && waiting.token_issued_at.is_none(), "no credentials: {waiting:?}");
+    let msg = waiting.message.unwrap_or_default();
+    assert!(msg.contains("no ResourceServer registers audience \"gdpr-compliance-service\""), "{msg}");
+
+    // A tenant cannot register an audience for themselves: the kind is cluster-scoped, and
+    // the roles that let Bob manage runs and grants say nothing about it.
+    if env.cluster.is_some() {
+        let bob = bob(&env).await;
+        let own = json!({
+            "apiVersion": "deputy.dev/v1alpha1", "kind": "ResourceServer", "metadata": {"name": format!("bob-{}", env.ns)},
+            "spec": {"audience": "gdpr-compliance-service", "scopes": ["compliance:*"], "namespaceSelector": {}},
+        });
+        match create_object(&bob, &own, true).await {
+            Err((403, _)) => {}
+            other => panic!("Bob registered an audience: {other:?}"),
+        }
+    }
+
+    // Registered for another namespace only.
+    env.apply_value(json!({
+        "apiVersion": "deputy.dev/v1alpha1", "kind": "ResourceServer",
+        "metadata": {"name": format!("gdpr-elsewhere-{}", env.ns)},
+        "spec": {"audience": "gdpr-compliance-service", "scopes": ["compliance:*"],
+                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "elsewhere"}}},
+    }))
+    .await;
+    env.apply_value(alices_run(&env, "elsewhere")).await;
+    let waiting = env
+        .wait_run("elsewhere", T, |r| {
+            r.status.as_ref().and_then(|s| s.message.as_deref()).is_some_and(|m| m.contains("selects namespace"))
+        })
+        .await;
+    assert_eq!(waiting.status.unwrap().phase, Some(deputy::resources::RunPhase::Pending), "the message says why");
+
+    // Registered here, with a ceiling narrower than the Agent's and the grant's.
+    env.register("gdpr-compliance-service", &["compliance:privacy:*"]).await;
+    let mut run = alices_run(&env, "registered");
+    run["spec"]["scopes"] = json!(["compliance:privacy:check", "compliance:audit:cross_dept"]);
+    env.apply_value(run).await;
+    let st = env.wait_phase("registered", "Authorized", T).await.status.unwrap();
+    assert_eq!(st.granted_scopes, ["compliance:privacy:check"]);
+    assert_eq!(st.denied_scopes.len(), 1);
+    assert_eq!(
+        (st.denied_scopes[0].scope.as_str(), st.denied_scopes[0].reason.as_str()),
+        ("compliance:audit:cross_dept", "NotInResourceServerScopes")
+    );
+    // The run that waited is authorised now that its audience is registered here.
+    env.wait_phase("unregistered", "Authorized", T).await;
+}
+
+/// A ResourceServer's `maxTokenTTL` bounds the exchanged tokens for its audience, and removing
+/// the registration revokes the runs that relied on it (`AudienceNotRegistered`) and their
+/// tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_server_bounds_exchanges_and_its_removal_revokes() {
+    let env = Env::start().await;
+    gdpr_unregistered(&env).await;
+    let name = format!("gdpr-{}", env.ns);
+    env.apply_value(json!({
+        "apiVersion": "deputy.dev/v1alpha1", "kind": "ResourceServer", "metadata": {"name": name},
+        "spec": {"audience": "gdpr-compliance-service", "scopes": ["compliance:*"], "maxTokenTTL": "30s",
+                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.ns}}},
+    }))
+    .await;
+    env.apply_value(alices_run(&env, "bounded")).await;
+    env.wait_phase("bounded", "Authorized", T).await;
+    env.set_pod_phase("deputy-run-bounded", "Running").await;
+    env.wait_phase("bounded", "Running", T).await;
+    let subject = env.run_token("bounded").await.unwrap();
+    let actor = env.actor_token("bounded").await;
+    let form = support::exchange_form(&subject, &actor);
+    let (status, body) = env.post("/token", &form, None).await;
+    assert_eq!(status, 200, "{body}");
+    let expires_in = body["expires_in"].as_i64().unwrap();
+    assert!(expires_in <= 30, "the ResourceServer's 30s bounds the token: {body}");
+    let c = claims(body["access_token"].as_str().unwrap());
+    assert!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap() <= 30, "{c}");
+
+    let servers: kube::Api<deputy::resources::ResourceServer> = kube::Api::all(env.client.clone());
+    servers.delete(&name, &Default::default()).await.unwrap();
+    let revoked = env.wait_phase("bounded", "Revoked", T).await.status.unwrap();
+    assert_eq!(revoked.reason.as_deref(), Some("AudienceNotRegistered"), "{revoked:?}");
+    let (status, body) = env.post("/token", &form, None).await;
+    assert_eq!(status, 400, "a revoked run's token is refused: {body}");
 }

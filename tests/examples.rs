@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use deputy::authorization::{self, Decision, Input, Parent, Policy, Reason};
-use deputy::resources::{self, Agent, AgentRun, AgentRunStatus, DelegationGrant, RunPhase};
+use deputy::registration::Registrations;
+use deputy::resources::{self, Agent, AgentRun, AgentRunStatus, DelegationGrant, ResourceServer, RunPhase};
 use serde_json::Value;
 
 fn load_examples() -> Vec<(String, Value)> {
@@ -76,10 +77,14 @@ fn examples_validate_against_the_crd_schemas() {
             "Agent" => drop(serde_json::from_value::<Agent>(doc).unwrap()),
             "DelegationGrant" => drop(serde_json::from_value::<DelegationGrant>(doc).unwrap()),
             "AgentRun" => drop(serde_json::from_value::<AgentRun>(doc).unwrap()),
+            "ResourceServer" => drop(serde_json::from_value::<ResourceServer>(doc).unwrap()),
             other => panic!("unexpected kind {other}"),
         }
     }
-    assert!(seen["Agent"] >= 3 && seen["DelegationGrant"] >= 5 && seen["AgentRun"] >= 4, "{seen:?}");
+    assert!(
+        seen["Agent"] >= 3 && seen["DelegationGrant"] >= 5 && seen["AgentRun"] >= 4 && seen["ResourceServer"] >= 4,
+        "{seen:?}"
+    );
 }
 
 #[test]
@@ -104,7 +109,12 @@ struct Namespace {
 /// the run's status the way the controller does.
 fn decide_all(now: jiff::Timestamp) -> BTreeMap<(String, String), (Decision, AgentRun)> {
     let mut namespaces = BTreeMap::<String, Namespace>::new();
+    let mut servers: Vec<ResourceServer> = vec![];
     for (_, doc) in load_examples() {
+        if doc["kind"] == "ResourceServer" {
+            servers.push(serde_json::from_value(doc).unwrap());
+            continue;
+        }
         let ns = doc["metadata"]["namespace"].as_str().unwrap_or("").to_string();
         let entry = namespaces.entry(ns).or_default();
         match doc["kind"].as_str().unwrap() {
@@ -120,6 +130,7 @@ fn decide_all(now: jiff::Timestamp) -> BTreeMap<(String, String), (Decision, Age
         // Parents before children.
         n.runs.sort_by_key(|r| r.spec.parent_run.is_some());
         let mut decided: Vec<(AgentRun, Decision)> = vec![];
+        let registered = Registrations::for_namespace(&servers, &ns, None);
         for run in &n.runs {
             let agent = n.agents.iter().find(|a| a.metadata.name.as_deref() == Some(run.spec.agent.as_str()));
             let parent = run
@@ -128,7 +139,15 @@ fn decide_all(now: jiff::Timestamp) -> BTreeMap<(String, String), (Decision, Age
                 .as_ref()
                 .and_then(|p| decided.iter().find(|(r, _)| r.metadata.name.as_ref() == Some(p)))
                 .map(|(run, decision)| Parent { run, decision });
-            let d = authorization::authorize(Input { run, agent, grants: &n.grants, parent, now, policy: &policy });
+            let d = authorization::authorize(Input {
+                run,
+                agent,
+                grants: &n.grants,
+                parent,
+                registered: &registered,
+                now,
+                policy: &policy,
+            });
             let mut recorded = run.clone();
             let mut status = AgentRunStatus::default();
             match &d {

@@ -5,7 +5,10 @@ use kube::api::ObjectMeta;
 use serde_json::json;
 
 use super::*;
-use crate::resources::{AgentRunSpec, AgentRunStatus, AgentSpec, DelegationGrantSpec, RunEnvVar};
+use crate::resources::{
+    AgentRunSpec, AgentRunStatus, AgentSpec, DelegationGrantSpec, NamespaceSelector, ResourceServer,
+    ResourceServerSpec, RunEnvVar,
+};
 
 fn t(s: &str) -> Timestamp {
     s.parse().unwrap()
@@ -94,12 +97,39 @@ struct Case {
     parent: Option<(AgentRun, Decision)>,
 }
 
+/// ResourceServers registering every audience of these tests for every namespace, with a
+/// ceiling wider than any test asks for (the cases of ResourceServers are below).
+fn open_servers() -> Vec<ResourceServer> {
+    let audiences = ["svc", "other-svc", "staging-db", "prod-db", "payments-service"];
+    let scopes = ["compliance:*", "data:*", "finance:*", "marketing:*", "payments:*"];
+    audiences.iter().map(|a| server(a, &scopes, NamespaceSelector::default())).collect()
+}
+
+fn server(audience: &str, scopes: &[&str], namespace_selector: NamespaceSelector) -> ResourceServer {
+    ResourceServer::new(
+        audience,
+        ResourceServerSpec {
+            audience: audience.into(),
+            scopes: strings(scopes),
+            namespace_selector,
+            max_token_ttl: None,
+            require_dpop: false,
+        },
+    )
+}
+
 fn decide(c: &Case) -> Decision {
+    decide_with(c, &open_servers())
+}
+
+fn decide_with(c: &Case, servers: &[ResourceServer]) -> Decision {
+    let ns = c.run.metadata.namespace.as_deref().unwrap_or("default");
     authorize(Input {
         run: &c.run,
         agent: c.agent.as_ref(),
         grants: &c.grants,
         parent: c.parent.as_ref().map(|(run, decision)| Parent { run, decision }),
+        registered: &Registrations::for_namespace(servers, ns, None),
         now: now(),
         policy: &Policy { deputy_namespace: Some("deputy-system".into()), ..Policy::default() },
     })
@@ -727,6 +757,7 @@ fn reasons_are_bounded_and_named() {
         Reason::InvalidDenyGrant,
         Reason::NoScopesGranted,
         Reason::NoAudienceGranted,
+        Reason::AudienceNotRegistered,
         Reason::ReservedNamespace,
         Reason::ParentNotFound,
         Reason::ParentNotActive,
@@ -831,4 +862,70 @@ fn a_sub_agent_holds_only_its_parents_pairs() {
     kid.spec.audiences = strings(&["staging-db", "prod-db"]);
     let c = Case { name: "kid", run: kid, agent: Some(db_agent), grants: vec![g], parent: Some((parent_run, parent)) };
     assert_eq!(pairs(&decide(&c)), [p("prod-db", &["data:read"]), p("staging-db", &["data:write"])]);
+}
+
+fn only_namespace(ns: &str) -> NamespaceSelector {
+    NamespaceSelector {
+        match_labels: [(crate::registration::NAMESPACE_NAME_LABEL.to_string(), ns.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+/// The Agent, the grant and the run all name `svc`; what the ResourceServers say decides.
+fn registered_case() -> Case {
+    case(
+        "registration",
+        run("r", &["compliance:audit", "compliance:privacy:check"]),
+        agent("gdpr", &["compliance:*"], &["svc", "other-svc"]),
+        vec![grant("g", Effect::Allow, &["compliance:*"], &["svc", "other-svc"])],
+    )
+}
+
+#[test]
+fn an_audience_no_resource_server_registers_is_never_granted() {
+    let c = registered_case();
+    let d = decide_with(&c, &[]);
+    assert_eq!(reason(&d), Reason::AudienceNotRegistered);
+    assert!(Reason::AudienceNotRegistered.is_transient(), "a pending run waits for a registration");
+    let Decision::Denied(r) = &d else { unreachable!() };
+    assert!(r.message.contains("no ResourceServer registers audience \"svc\""), "{}", r.message);
+}
+
+#[test]
+fn an_audience_is_granted_only_in_the_namespaces_its_server_selects() {
+    let c = registered_case();
+    // An Agent anyone may create in their own namespace gets nothing there: the audience's
+    // owners registered it for marketing only.
+    let d = decide_with(&c, &[server("svc", &["compliance:*"], only_namespace("finance"))]);
+    assert_eq!(reason(&d), Reason::AudienceNotRegistered);
+    let Decision::Denied(r) = &d else { unreachable!() };
+    assert!(r.message.contains("selects namespace \"marketing\""), "{}", r.message);
+    let d = decide_with(&c, &[server("svc", &["compliance:*"], only_namespace("marketing"))]);
+    assert_eq!(pairs(&d), [("svc".to_string(), strings(&["compliance:audit", "compliance:privacy:check"]))]);
+}
+
+#[test]
+fn the_resource_servers_scopes_are_a_ceiling_per_audience() {
+    let mut c = registered_case();
+    c.run.spec.audiences = strings(&["svc", "other-svc"]);
+    let servers = [
+        server("svc", &["compliance:audit"], NamespaceSelector::default()),
+        server("other-svc", &["compliance:privacy:*"], NamespaceSelector::default()),
+    ];
+    let d = decide_with(&c, &servers);
+    assert_eq!(
+        pairs(&d),
+        [
+            ("other-svc".to_string(), strings(&["compliance:privacy:check"])),
+            ("svc".to_string(), strings(&["compliance:audit"])),
+        ]
+    );
+    // A scope no registered server honours is dropped, and says so.
+    let servers = [server("svc", &["compliance:audit"], NamespaceSelector::default())];
+    let d = decide_with(&c, &servers);
+    let Decision::Authorized(a) = &d else { panic!("{d:?}") };
+    assert_eq!(
+        a.denied_scopes,
+        [DeniedScope { scope: "compliance:privacy:check".into(), reason: scope_reason::NOT_REGISTERED.into() }]
+    );
 }

@@ -144,6 +144,8 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         keys: keys.clone(),
         runs: stores.runs.clone(),
         pods: stores.pods.clone(),
+        resource_servers: stores.resource_servers.clone(),
+        namespaces: stores.namespaces.clone(),
         reviewer: Reviewer::new(client.clone(), metrics.clone()),
         metrics: metrics.clone(),
         client: client.clone(),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 
 use crate::authorization::Policy;
 use crate::metrics::Metrics;
-use crate::resources::{Agent, AgentRun, DelegationGrant};
+use crate::registration::Registrations;
+use crate::resources::{Agent, AgentRun, DelegationGrant, ResourceServer};
 use crate::signing::KeyStore;
 pub use children::{ChildConfig, PodPhase};
 
@@ -80,6 +81,9 @@ pub struct Stores {
     pub pods: Store<PodPhase>,
     pub secrets: Store<PartialObjectMeta<Secret>>,
     pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub resource_servers: Store<ResourceServer>,
+    /// Namespaces, name and labels only (ResourceServers select them by label).
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
 }
 
 /// Shared state of every reconcile.
@@ -185,6 +189,8 @@ pub struct Watches {
     pods: futures::stream::BoxStream<'static, Result<PodPhase, watcher::Error>>,
     secrets: futures::stream::BoxStream<'static, Result<PartialObjectMeta<Secret>, watcher::Error>>,
     service_accounts: futures::stream::BoxStream<'static, Result<PartialObjectMeta<ServiceAccount>, watcher::Error>>,
+    resource_servers: futures::stream::BoxStream<'static, Result<ResourceServer, watcher::Error>>,
+    namespaces: futures::stream::BoxStream<'static, Result<PartialObjectMeta<Namespace>, watcher::Error>>,
 }
 
 /// The label selector of every object Deputy creates for a run.
@@ -204,6 +210,8 @@ impl Watches {
         let (pods_store, pods_writer) = reflector::store();
         let (secrets_store, secrets_writer) = reflector::store();
         let (sa_store, sa_writer) = reflector::store();
+        let (rs_store, rs_writer) = reflector::store();
+        let (ns_store, ns_writer) = reflector::store();
         let runs = reflector::reflector(
             runs_writer,
             watcher(Api::<AgentRun>::all(client.clone()), wc.clone()).modify(|r: &mut AgentRun| {
@@ -223,13 +231,14 @@ impl Watches {
             .touched_objects()
             .inspect_err(|e| tracing::warn!(error = %e, kind = "Agent", "watch failed; retrying with backoff"))
             .boxed();
-        let grants = reflector::reflector(grants_writer, watcher(Api::<DelegationGrant>::all(client.clone()), wc))
-            .default_backoff()
-            .touched_objects()
-            .inspect_err(
-                |e| tracing::warn!(error = %e, kind = "DelegationGrant", "watch failed; retrying with backoff"),
-            )
-            .boxed();
+        let grants =
+            reflector::reflector(grants_writer, watcher(Api::<DelegationGrant>::all(client.clone()), wc.clone()))
+                .default_backoff()
+                .touched_objects()
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, kind = "DelegationGrant", "watch failed; retrying with backoff"),
+                )
+                .boxed();
         // Only a pod's phase and deletion matter here: keep the cache small.
         let pods = reflector::reflector(
             pods_writer,
@@ -258,6 +267,31 @@ impl Watches {
         .touched_objects()
         .inspect_err(|e| tracing::warn!(error = %e, kind = "ServiceAccount", "watch failed; retrying with backoff"))
         .boxed();
+        let resource_servers =
+            reflector::reflector(rs_writer, watcher(Api::<ResourceServer>::all(client.clone()), wc.clone()))
+                .default_backoff()
+                .touched_objects()
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, kind = "ResourceServer", "watch failed; retrying with backoff"),
+                )
+                .boxed();
+        let namespaces = reflector::reflector(
+            ns_writer,
+            watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), wc).modify(|o| {
+                let m = &mut o.metadata;
+                *m = kube::api::ObjectMeta {
+                    name: m.name.take(),
+                    uid: m.uid.take(),
+                    resource_version: m.resource_version.take(),
+                    labels: m.labels.take(),
+                    ..Default::default()
+                };
+            }),
+        )
+        .default_backoff()
+        .touched_objects()
+        .inspect_err(|e| tracing::warn!(error = %e, kind = "Namespace", "watch failed; retrying with backoff"))
+        .boxed();
         Watches {
             stores: Stores {
                 agents: agents_store,
@@ -266,6 +300,8 @@ impl Watches {
                 pods: pods_store,
                 secrets: secrets_store,
                 service_accounts: sa_store,
+                resource_servers: rs_store,
+                namespaces: ns_store,
             },
             runs: detach(runs, run_trigger),
             agents: detach(agents, |a| a),
@@ -273,6 +309,8 @@ impl Watches {
             pods: detach(pods, |p| p),
             secrets: detach(secrets, |s| s),
             service_accounts: detach(service_accounts, |s| s),
+            resource_servers: detach(resource_servers, |s| s),
+            namespaces: detach(namespaces, |s| s),
         }
     }
 }
@@ -289,6 +327,8 @@ impl Watches {
                 self.pods.by_ref().map(|_| ()).boxed(),
                 self.secrets.by_ref().map(|_| ()).boxed(),
                 self.service_accounts.by_ref().map(|_| ()).boxed(),
+                self.resource_servers.by_ref().map(|_| ()).boxed(),
+                self.namespaces.by_ref().map(|_| ()).boxed(),
             ]);
             let drain = merged.for_each(|_| async {});
             tokio::pin!(until);
@@ -310,7 +350,19 @@ impl Stores {
         self.pods.wait_until_ready().await?;
         self.secrets.wait_until_ready().await?;
         self.service_accounts.wait_until_ready().await?;
+        self.resource_servers.wait_until_ready().await?;
+        self.namespaces.wait_until_ready().await?;
         Ok(())
+    }
+
+    /// The audiences the ResourceServers register for `namespace`, from the caches.
+    pub fn registrations(&self, namespace: &str) -> Registrations {
+        let ns = self.namespaces.get(&ObjectRef::new(namespace));
+        Registrations::for_namespace(
+            &self.resource_servers.state(),
+            namespace,
+            ns.as_ref().and_then(|n| n.metadata.labels.as_ref()),
+        )
     }
 }
 
@@ -324,7 +376,8 @@ pub async fn run(
     reporter_instance: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let Watches { stores, runs, agents, grants, pods, secrets, service_accounts } = watches;
+    let Watches { stores, runs, agents, grants, pods, secrets, service_accounts, resource_servers, namespaces } =
+        watches;
     let events = events::Publisher::new(client.clone(), "deputy", reporter_instance);
     let (tx, rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
@@ -370,6 +423,46 @@ pub async fn run(
                 .collect::<Vec<_>>()
         }
     };
+    // A ResourceServer concerns the runs that ask for its audience (its audience may have
+    // changed: the runs of the old one are found by the audiences they hold).
+    let rs_changed = changed_filter(stores.resource_servers.clone());
+    let runs_for_server = {
+        let runs = stores.runs.clone();
+        move |rs: ResourceServer| {
+            if !rs_changed(&rs) {
+                return vec![];
+            }
+            runs.state()
+                .into_iter()
+                .filter(|r| {
+                    r.spec.audiences.contains(&rs.spec.audience)
+                        || r.status.as_ref().is_some_and(|s| s.granted_audiences.contains(&rs.spec.audience))
+                })
+                .map(|r| ObjectRef::from_obj(&*r))
+                .collect::<Vec<_>>()
+        }
+    };
+    // A namespace's labels decide which ResourceServers select it.
+    let runs_in_namespace = {
+        let runs = stores.runs.clone();
+        let seen: Mutex<HashMap<String, Option<std::collections::BTreeMap<String, String>>>> =
+            Mutex::new(HashMap::new());
+        move |ns: PartialObjectMeta<Namespace>| {
+            let name = ns.name_any();
+            let changed = match seen.lock() {
+                Ok(mut s) => s.insert(name.clone(), ns.metadata.labels.clone()) != Some(ns.metadata.labels.clone()),
+                Err(_) => true,
+            };
+            if !changed {
+                return vec![];
+            }
+            runs.state()
+                .into_iter()
+                .filter(|r| r.namespace().as_deref() == Some(name.as_str()))
+                .map(|r| ObjectRef::from_obj(&*r))
+                .collect::<Vec<_>>()
+        }
+    };
     let children_of = {
         let runs = stores.runs.clone();
         move |parent: AgentRun| {
@@ -396,6 +489,8 @@ pub async fn run(
         .owns_stream(service_accounts)
         .watches_stream(agents, runs_for_agent)
         .watches_stream(grants, runs_for_grant)
+        .watches_stream(resource_servers, runs_for_server)
+        .watches_stream(namespaces, runs_in_namespace)
         .watches_stream(runs_parent, children_of)
         // A replica that takes over has already seen every object: reconcile them all once.
         .reconcile_all_on(futures::stream::once({

@@ -86,13 +86,16 @@ fn decide_with<G: std::borrow::Borrow<DelegationGrant>>(
     grants: &[G],
     now: Timestamp,
 ) -> Decision {
-    decide_in_chain(run, ctx, grants, now, 0)
+    let registered = ctx.stores.registrations(&run.namespace().unwrap_or_default());
+    decide_in_chain(run, ctx, grants, &registered, now, 0)
 }
 
+/// A parent is in the same namespace, so the same registrations hold all the way up.
 fn decide_in_chain<G: std::borrow::Borrow<DelegationGrant>>(
     run: &AgentRun,
     ctx: &Context,
     grants: &[G],
+    registered: &crate::registration::Registrations,
     now: Timestamp,
     hops: usize,
 ) -> Decision {
@@ -107,7 +110,7 @@ fn decide_in_chain<G: std::borrow::Borrow<DelegationGrant>>(
                 denied_scopes: vec![],
             })
         } else {
-            decide_in_chain(p, ctx, grants, now, hops + 1)
+            decide_in_chain(p, ctx, grants, registered, now, hops + 1)
         }
     });
     authorization::authorize(Input {
@@ -115,6 +118,7 @@ fn decide_in_chain<G: std::borrow::Borrow<DelegationGrant>>(
         agent: agent.as_deref(),
         grants,
         parent: parent.as_deref().zip(parent_decision.as_ref()).map(|(run, decision)| Parent { run, decision }),
+        registered,
         now,
         policy: &ctx.cfg.policy,
     })

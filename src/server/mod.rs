@@ -17,7 +17,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Serialize;
 use serde_json::json;
@@ -25,7 +27,8 @@ use serde_json::json;
 use crate::audit::{Action as AuditAction, Record};
 use crate::controller::children::{self, PodPhase};
 use crate::metrics::Metrics;
-use crate::resources::AgentRun;
+use crate::registration::Registrations;
+use crate::resources::{AgentRun, ResourceServer};
 use crate::scope::{self, Scope};
 use crate::signing::KeyStore;
 use crate::tokens::{Audience, Claims};
@@ -50,6 +53,10 @@ pub struct EndpointState {
     pub runs: Store<AgentRun>,
     /// The runs' pods (phase only), so that a run whose pod has ended is inactive at once.
     pub pods: Store<PodPhase>,
+    /// The ResourceServers and the namespaces' labels: an exchanged token's audience must be
+    /// registered for the run's namespace, and lives no longer than its `maxTokenTTL`.
+    pub resource_servers: Store<ResourceServer>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub reviewer: Reviewer,
     pub metrics: Arc<Metrics>,
     pub client: kube::Client,
@@ -350,12 +357,33 @@ pub async fn exchange(
             format!("scope {extra} is not held for audience {audience:?}"),
         )));
     }
+    // The audience's owners, now: registered for the run's namespace, with these scopes.
+    let ns = run.namespace().unwrap_or_default();
+    let labels = s.namespaces.get(&ObjectRef::new(&ns)).and_then(|n| n.metadata.labels.clone());
+    let registrations = Registrations::for_namespace(&s.resource_servers.state(), &ns, labels.as_ref());
+    let registration = registrations
+        .get(&audience)
+        .map_err(|why| fail(OAuthError::new(ErrorCode::InvalidTarget, why.explain(&audience, &ns))))?;
+    if let Some(extra) = wanted.iter().find(|w| !scope::covered_by(w, &registration.scopes)) {
+        return Err(fail(OAuthError::new(
+            ErrorCode::InvalidScope,
+            format!("scope {extra} is not registered for audience {audience:?}"),
+        )));
+    }
+    if registration.require_dpop {
+        // Fail closed until proofs are accepted: a token for this audience must be bound.
+        return Err(fail(invalid_request(format!(
+            "audience {audience:?} requires a DPoP proof (RFC 9449), which this Deputy does not accept yet"
+        ))));
+    }
     let mut granted = wanted;
     scope::minimise(&mut granted);
 
-    // Lifetime: ≤ 5 minutes, ≤ the subject token, ≤ the run's deadline.
+    // Lifetime: ≤ 5 minutes, ≤ the subject token, ≤ the run's deadline, ≤ the audience's
+    // maxTokenTTL.
     let now = Timestamp::now().as_second();
-    let mut exp = (now + MAX_EXCHANGED_TTL_SECS).min(subject.exp);
+    let ttl = registration.max_token_ttl.map_or(MAX_EXCHANGED_TTL_SECS, |t| t.as_secs().min(MAX_EXCHANGED_TTL_SECS));
+    let mut exp = (now + ttl).min(subject.exp);
     if let Some(deadline) = status.deadline {
         exp = exp.min(deadline.as_second());
     }

@@ -203,11 +203,13 @@ def load_crds() -> dict:
                 check(f"{name}: valid against the Kubernetes {KUBE_VERSION} schema", True)
             except Exception as e:  # noqa: BLE001
                 check(f"{name}: valid against the Kubernetes {KUBE_VERSION} schema", False, str(e)[:500])
-            check(f"{name}: group deputy.dev, namespaced", d["spec"]["group"] == "deputy.dev"
-                  and d["spec"]["scope"] == "Namespaced")
+            # ResourceServers are cluster-scoped: only administrators register audiences.
+            scope = "Cluster" if d["spec"]["names"]["kind"] == "ResourceServer" else "Namespaced"
+            check(f"{name}: group deputy.dev, {scope}", d["spec"]["group"] == "deputy.dev"
+                  and d["spec"]["scope"] == scope)
             crds[d["spec"]["names"]["kind"]] = d
-    check("crds: Agent, DelegationGrant and AgentRun present",
-          {"Agent", "DelegationGrant", "AgentRun"} <= set(crds), str(sorted(crds)))
+    check("crds: ResourceServer, Agent, DelegationGrant and AgentRun present",
+          {"ResourceServer", "Agent", "DelegationGrant", "AgentRun"} <= set(crds), str(sorted(crds)))
     return crds
 
 
@@ -682,8 +684,31 @@ def check_render(label: str, values_file: str, crds: dict, expected_rbac: list) 
         by_kind.setdefault(d["kind"], []).append(d)
 
     # RBAC.
+    all_crs = by_kind.get("ClusterRole", [])
+    user_roles = [c for c in all_crs if "deputy.dev/user-role" in (c["metadata"].get("labels") or {})]
+    if v.get("userRoles", {}).get("create", True):
+        names = sorted(c["metadata"]["labels"]["deputy.dev/user-role"] for c in user_roles)
+        check(f"{label}: user ClusterRoles principal, orchestrator and platform",
+              names == ["orchestrator", "platform", "principal"], str(names))
+        for c in user_roles:
+            role = c["metadata"]["labels"]["deputy.dev/user-role"]
+            res = [r for rule in c["rules"] for r in rule.get("resources", [])]
+            verbs = [vb for rule in c["rules"] for vb in rule.get("verbs", [])]
+            check(f"{label}: user role {role} grants no status, finalizers or act-for",
+                  not any("/" in r or r == "principals" for r in res) and "act-for" not in verbs
+                  and "impersonate" not in verbs, str(c["rules"]))
+            check(f"{label}: user role {role} has no wildcard",
+                  not any("*" in rule.get("verbs", []) + rule.get("resources", []) + rule.get("apiGroups", [])
+                          for rule in c["rules"]))
+            writes = {r for rule in c["rules"] for r in rule.get("resources", [])
+                      if set(rule.get("verbs", [])) & {"create", "update", "patch"}}
+            want = {"principal": {"agentruns", "delegationgrants"}, "orchestrator": {"agentruns"},
+                    "platform": {"agents", "resourceservers"}}[role]
+            check(f"{label}: user role {role} writes exactly {sorted(want)}", writes == want, str(sorted(writes)))
+    else:
+        check(f"{label}: userRoles.create=false renders no user roles", not user_roles)
     if v["rbac"]["create"]:
-        crs, rs = by_kind.get("ClusterRole", []), by_kind.get("Role", [])
+        crs, rs = [c for c in all_crs if c not in user_roles], by_kind.get("Role", [])
         if check(f"{label}: one ClusterRole and one Role", len(crs) == 1 and len(rs) == 1):
             got, want = rbac_table(crs[0]["rules"]), expected_table(expected_rbac, "cluster", lease, keys)
             check(f"{label}: ClusterRole grants exactly rbac-expected.yaml (scope: cluster)", got == want,
@@ -699,8 +724,9 @@ def check_render(label: str, values_file: str, crds: dict, expected_rbac: list) 
                       b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
                       and b["roleRef"]["name"] == fullname)
     else:
-        check(f"{label}: rbac.create=false renders no RBAC", not any(
-            k in by_kind for k in ("ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding")))
+        check(f"{label}: rbac.create=false renders no RBAC for Deputy", not any(
+            k in by_kind for k in ("Role", "ClusterRoleBinding", "RoleBinding"))
+            and all(c in user_roles for c in all_crs))
     sas = by_kind.get("ServiceAccount", [])
     if v["serviceAccount"]["create"]:
         check(f"{label}: ServiceAccount {sa} rendered", [s["metadata"]["name"] for s in sas] == [sa])

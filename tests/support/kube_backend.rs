@@ -61,6 +61,12 @@ pub async fn remove_earlier_tests(client: &Client) {
     let old = namespaces.list(&ListParams::default().labels(&format!("{E2E_LABEL}=true"))).await.unwrap();
     let names: Vec<String> = old.into_iter().filter_map(|ns| ns.metadata.name).collect();
     remove_namespaces(client, &names).await;
+    // ResourceServers are cluster-scoped: an earlier test's would register its audiences for a
+    // namespace that is gone, and count in this test's operator's decisions.
+    let servers: Api<deputy::resources::ResourceServer> = Api::all(client.clone());
+    let _ = servers
+        .delete_collection(&DeleteParams::default(), &ListParams::default().labels(&format!("{E2E_LABEL}=true")))
+        .await;
 }
 
 /// Deletes test namespaces, dropping the finalizers of their runs (no operator is left to

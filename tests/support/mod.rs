@@ -302,12 +302,41 @@ impl Env {
             if v.is_null() || v["kind"] == "Namespace" {
                 continue;
             }
-            v["metadata"]["namespace"] = json!(self.ns);
+            if v["kind"] == "ResourceServer" {
+                // Cluster-scoped: the example's registration, for this test's namespace only.
+                let name = format!("{}-{}", v["metadata"]["name"].as_str().unwrap(), self.ns);
+                v["metadata"]["name"] = json!(name);
+                v["spec"]["namespaceSelector"] =
+                    json!({"matchLabels": {deputy::registration::NAMESPACE_NAME_LABEL: self.ns}});
+            } else {
+                v["metadata"]["namespace"] = json!(self.ns);
+            }
             self.apply_value(v).await;
         }
     }
 
-    pub async fn apply_value(&self, v: Value) {
+    /// Registers `audience` for this test's namespace with these scopes (a ResourceServer).
+    pub async fn register(&self, audience: &str, scopes: &[&str]) {
+        self.apply_value(json!({
+            "apiVersion": "deputy.dev/v1alpha1", "kind": "ResourceServer",
+            "metadata": {"name": format!("{audience}-{}", self.ns)},
+            "spec": {"audience": audience, "scopes": scopes,
+                     "namespaceSelector": {"matchLabels": {deputy::registration::NAMESPACE_NAME_LABEL: self.ns}}},
+        }))
+        .await;
+    }
+
+    pub async fn apply_value(&self, mut v: Value) {
+        if v["kind"] == "ResourceServer" {
+            // Cluster-scoped, so outside the namespace the test removes: labelled for removal.
+            v["metadata"]["labels"][kube_backend::E2E_LABEL] = json!("true");
+            let obj: DynamicObject = serde_json::from_value(v).unwrap();
+            let name = obj.metadata.name.clone().unwrap();
+            let ar = ApiResource::erase::<deputy::resources::ResourceServer>(&());
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            api.patch(&name, &PatchParams::apply("deputy-e2e").force(), &Patch::Apply(&obj)).await.unwrap();
+            return;
+        }
         let ar = match v["kind"].as_str().unwrap() {
             "Agent" => ApiResource::erase::<Agent>(&()),
             "DelegationGrant" => ApiResource::erase::<DelegationGrant>(&()),
@@ -536,6 +565,8 @@ pub fn collection(obj: &Value) -> String {
         "Agent" => "agents",
         "DelegationGrant" => "delegationgrants",
         "AgentRun" => "agentruns",
+        // Cluster-scoped.
+        "ResourceServer" => return "/apis/deputy.dev/v1alpha1/resourceservers".to_string(),
         other => panic!("not a Deputy kind: {other}"),
     };
     format!("/apis/deputy.dev/v1alpha1/namespaces/{}/{plural}", obj["metadata"]["namespace"].as_str().unwrap())
