@@ -61,7 +61,7 @@ async fn examples_become_active_runs_with_the_specified_children() {
     assert!(info["nextRotationAt"].as_str().unwrap() < info["tokenExpiresAt"].as_str().unwrap());
 
     // The pod, as specified.
-    let pod: Pod = env.api().get("deputy-run-gdpr-check-q4").await.unwrap();
+    let pod: Pod = env.pod("deputy-run-gdpr-check-q4").await;
     let spec = pod.spec.unwrap();
     assert_eq!(spec.service_account_name.as_deref(), Some("deputy-run-gdpr-check-q4"));
     assert_eq!(spec.automount_service_account_token, Some(false));

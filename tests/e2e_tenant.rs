@@ -88,7 +88,7 @@ async fn a_run_cannot_add_volumes_host_access_or_identity_to_the_agents_pod() {
     create_object(&bob, &run, false).await.expect("the run is accepted; its unknown fields are not");
     env.wait_phase("bob-attack", "Authorized", T).await;
 
-    let pod: Pod = env.api().get("deputy-run-bob-attack").await.unwrap();
+    let pod: Pod = env.pod("deputy-run-bob-attack").await;
     let spec = pod.spec.unwrap();
     let agent: Value = serde_json::to_value(env.agents().get("gdpr-compliance-agent").await.unwrap()).unwrap();
     let template = &agent["spec"]["template"]["spec"];
@@ -472,4 +472,34 @@ async fn a_resource_server_bounds_exchanges_and_its_removal_revokes() {
     assert_eq!(revoked.reason.as_deref(), Some("AudienceNotRegistered"), "{revoked:?}");
     let (status, body) = env.post("/token", &form, None).await;
     assert_eq!(status, 400, "a revoked run's token is refused: {body}");
+}
+
+/// Finding 5 (low): Deputy watches its pods by their `managed-by` label, so a pod whose label
+/// was removed ended unseen. The pod leaves the watch, the run is reconciled, and applying the
+/// run's pod puts the label back; its end is then seen and the run's credentials removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_label_is_removed_is_labelled_again_and_its_end_seen() {
+    let env = Env::start().await;
+    env.apply_example("gdpr-compliance.yaml").await;
+    env.wait_phase("gdpr-check-q4", "Authorized", T).await;
+    env.set_pod_phase("deputy-run-gdpr-check-q4", "Running").await;
+    env.wait_phase("gdpr-check-q4", "Running", T).await;
+    let pods: kube::Api<Pod> = env.api();
+    let key = deputy::controller::children::MANAGED_BY.0;
+    let patch = json!({"metadata": {"labels": {key: null}}});
+    pods.patch("deputy-run-gdpr-check-q4", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let relabelled = support::wait_until(T, || async {
+        let pod = pods.get("deputy-run-gdpr-check-q4").await.unwrap();
+        pod.metadata.labels.unwrap_or_default().contains_key(key)
+    })
+    .await;
+    assert!(relabelled, "Deputy did not put its label back on the run's pod");
+    env.set_pod_phase("deputy-run-gdpr-check-q4", "Succeeded").await;
+    let done = env.wait_phase("gdpr-check-q4", "Succeeded", T).await;
+    assert!(done.status.unwrap().completed_at.is_some());
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = env.api();
+    let gone = support::wait_until(T, || async { !support::exists(&secrets, "deputy-run-gdpr-check-q4").await }).await;
+    assert!(gone, "the run's Secret outlived its pod");
 }

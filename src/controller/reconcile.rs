@@ -554,6 +554,27 @@ async fn keep_active(
     if pod.is_none() {
         // The cache may lag our own create; ask before acting.
         pod = Api::<PodPhase>::namespaced(ctx.client.clone(), &ns).get_opt(&child).await?.map(Arc::new);
+        // The cache follows the `managed-by` label: a pod of ours without it would end unseen.
+        let (key, value) = children::MANAGED_BY;
+        if let Some(p) = pod.as_deref().filter(|p| {
+            children::owned_by(p, run)
+                && p.metadata.labels.as_ref().and_then(|l| l.get(key)).map(String::as_str) != Some(value)
+        }) {
+            tracing::warn!(namespace = %ns, run = %name, "the run's pod lost its {key} label; putting it back");
+            let patch = serde_json::json!({"metadata": {"labels": {key: value}}});
+            Api::<PodPhase>::namespaced(ctx.client.clone(), &ns)
+                .patch(&child, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            publish(
+                ctx,
+                run,
+                EventType::Warning,
+                "PodRelabelled",
+                "Relabel",
+                format!("the pod {:?} lost its {key} label, which Deputy watches it by; it was put back", p.name_any()),
+            )
+            .await;
+        }
     }
     if let Some((phase, reason, message)) = pod.as_deref().and_then(children::pod_end) {
         return end(run, ctx, phase, reason, message).await;

@@ -384,6 +384,15 @@ impl Env {
 
     /// Plays the kubelet: sets the pod's phase (a status patch, as the kubelet makes; on the real
     /// backend no kubelet runs, and the pods stay unscheduled).
+    /// The run's pod, once it exists (Deputy writes `Authorized` just before creating it).
+    pub async fn pod(&self, name: &str) -> Pod {
+        let pods: Api<Pod> = self.api();
+        let created =
+            wait_until(Duration::from_secs(20), || async { pods.get_opt(name).await.unwrap().is_some() }).await;
+        assert!(created, "pod {name} was never created\noperator log:\n{}", self.operator_log());
+        pods.get(name).await.unwrap()
+    }
+
     pub async fn set_pod_phase(&self, pod: &str, phase: &str) {
         let pods: Api<Pod> = self.api();
         // The run's status may be written before its pod is created.
