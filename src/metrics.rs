@@ -144,7 +144,7 @@ impl Metrics {
 
 /// Revocation reasons are a known set; anything else is counted as "Other".
 fn bounded_reason(reason: &str) -> &'static str {
-    const KNOWN: [&str; 21] = [
+    const KNOWN: [&str; 22] = [
         "PodSucceeded",
         "PodFailed",
         "PodDeleted",
@@ -166,6 +166,7 @@ fn bounded_reason(reason: &str) -> &'static str {
         "ReservedNamespace",
         "ParentPrincipalMismatch",
         "DelegationDepthExceeded",
+        "ChildConflict",
     ];
     KNOWN.iter().find(|k| **k == reason).copied().unwrap_or("Other")
 }

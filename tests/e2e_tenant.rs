@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use deputy_controlplane::BOB;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::Client;
 use serde_json::{Value, json};
 use support::{Env, create_object, kube_backend};
@@ -502,4 +502,125 @@ async fn a_pod_whose_label_is_removed_is_labelled_again_and_its_end_seen() {
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = env.api();
     let gone = support::wait_until(T, || async { !support::exists(&secrets, "deputy-run-gdpr-check-q4").await }).await;
     assert!(gone, "the run's Secret outlived its pod");
+}
+
+/// Bob, who may also make Secrets, ServiceAccounts and Pods in the namespace (the `edit`
+/// role), and his grant.
+async fn bob_with_workloads(env: &Env) -> Client {
+    let bob = bob(env).await;
+    if env.cluster.is_some() {
+        kube_backend::let_user_manage_workloads(&env.client, &env.ns, BOB).await;
+    }
+    bobs_grant(env, &bob).await;
+    bob
+}
+
+/// The metadata of the `kind` object `name` in the test namespace, if there is one.
+async fn meta_of(env: &Env, kind: &str, name: &str) -> Option<kube::api::ObjectMeta> {
+    let meta = match kind {
+        "Secret" => env.api::<Secret>().get_metadata_opt(name).await.unwrap().map(|m| m.metadata),
+        "ServiceAccount" => env.api::<ServiceAccount>().get_metadata_opt(name).await.unwrap().map(|m| m.metadata),
+        "Pod" => env.api::<Pod>().get_metadata_opt(name).await.unwrap().map(|m| m.metadata),
+        other => panic!("no such kind {other}"),
+    };
+    meta.filter(|m| m.deletion_timestamp.is_none())
+}
+
+/// Bob's object under `name`, made as Bob. A Pod needs the namespace's `default`
+/// ServiceAccount, which the control plane makes shortly after the namespace.
+async fn take_name(env: &Env, bob: &Client, kind: &str, name: &str, finalizer: bool) -> Value {
+    let mut meta = json!({"name": name, "namespace": env.ns, "annotations": {"example.com/made-by": "bob"}});
+    if finalizer {
+        meta["finalizers"] = json!(["example.com/hold"]);
+    }
+    let obj = match kind {
+        "Secret" => json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": {"token": "Ym9iJ3M="}}),
+        "ServiceAccount" => {
+            meta["annotations"]["eks.amazonaws.com/role-arn"] = json!("arn:aws:iam::111122223333:role/bob");
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta})
+        }
+        _ => json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                    "spec": {"containers": [{"name": "c", "image": "registry.example/bob:1"}]}}),
+    };
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        match create_object(bob, &obj, true).await {
+            Ok(v) => return v,
+            Err(e) if std::time::Instant::now() > deadline => panic!("Bob could not make his {kind} {name}: {e:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Finding (issue 16, names): a child's name is predictable (`deputy-run-<run>`), and a
+/// server-side apply adopted whatever held it: a ServiceAccount Bob annotated with a cloud
+/// role became the run's identity, a Secret he can read received the run token. Now each run
+/// whose name Bob took first fails with `ChildConflict`; his objects stay exactly as he made
+/// them (no owner, no token, not deleted) and nothing of the run's is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_childs_name_taken_first_is_never_adopted_written_or_deleted() {
+    let env = Env::start().await;
+    let bob = bob_with_workloads(&env).await;
+    let kinds = ["Secret", "ServiceAccount", "Pod"];
+    let mut made = vec![];
+    for kind in kinds {
+        let run = format!("taken-{}", kind.to_lowercase());
+        let child = format!("deputy-run-{run}");
+        made.push((kind, run.clone(), take_name(&env, &bob, kind, &child, false).await));
+        create_object(&bob, &bobs_run(&env, &run), true).await.expect("Bob creates his run");
+    }
+    for (kind, run, bobs) in made {
+        let child = format!("deputy-run-{run}");
+        let done = env.wait_phase(&run, "Failed", T).await;
+        let status = done.status.unwrap();
+        assert_eq!(status.reason.as_deref(), Some("ChildConflict"), "{kind}: {status:?}");
+        assert!(status.message.as_deref().unwrap_or_default().contains(kind), "{kind}: {status:?}");
+        assert!(status.token_id.is_none(), "{kind}: a token was minted: {status:?}");
+        let meta = meta_of(&env, kind, &child).await.unwrap_or_else(|| panic!("Bob's {kind} was deleted"));
+        assert_eq!(meta.uid.as_deref(), bobs["metadata"]["uid"].as_str(), "{kind} was replaced");
+        assert!(meta.owner_references.unwrap_or_default().is_empty(), "Bob's {kind} was adopted");
+        assert!(meta.labels.unwrap_or_default().is_empty(), "Bob's {kind} was written to");
+        let annotations = meta.annotations.unwrap_or_default();
+        assert_eq!(annotations.get("example.com/made-by").map(String::as_str), Some("bob"), "{kind}");
+        if kind == "Secret" {
+            let data = env.api::<Secret>().get(&child).await.unwrap().data.unwrap_or_default();
+            assert_eq!(
+                data.get("token").map(|b| b.0.as_slice()),
+                Some(&b"bob's"[..]),
+                "the run token reached Bob's Secret"
+            );
+        }
+        for other in kinds.iter().filter(|k| **k != kind) {
+            let left = support::wait_until(T, || async { meta_of(&env, other, &child).await.is_none() }).await;
+            assert!(left, "the failed run {run} left its {other} behind");
+        }
+    }
+    let events = env.events_for("taken-secret").await;
+    assert!(events.iter().any(|(kind, reason)| kind == "Warning" && reason == "ChildConflict"), "{events:?}");
+}
+
+/// The legitimate case beside it: a run deleted and made again under its name, while an old
+/// child is still on its way out (here a Secret held by a finalizer), waits (`NameInUse`)
+/// and starts once the name is free, instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waits_for_an_old_child_on_its_way_out() {
+    let env = Env::start().await;
+    let bob = bob_with_workloads(&env).await;
+    take_name(&env, &bob, "Secret", "deputy-run-again", true).await;
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(bob.clone(), &env.ns);
+    secrets.delete("deputy-run-again", &kube::api::DeleteParams::default()).await.unwrap();
+    create_object(&bob, &bobs_run(&env, "again"), true).await.expect("Bob creates his run");
+    let waiting =
+        env.wait_run("again", T, |r| r.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("NameInUse")).await;
+    assert_eq!(waiting.status.unwrap().phase.map(|p| p.as_str()), Some("Pending"));
+    let release = json!({"metadata": {"finalizers": null}});
+    secrets
+        .patch("deputy-run-again", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&release))
+        .await
+        .unwrap();
+    env.wait_phase("again", "Authorized", T).await;
+    let meta = meta_of(&env, "Secret", "deputy-run-again").await.expect("the run's own Secret");
+    assert!(
+        meta.owner_references.unwrap_or_default().iter().any(|o| o.kind == "AgentRun" && o.controller == Some(true))
+    );
 }

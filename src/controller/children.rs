@@ -12,8 +12,8 @@ use k8s_openapi::api::core::v1::{
     EnvVar, KeyToPath, Pod, PodTemplateSpec, ProjectedVolumeSource, Secret, SecretProjection, ServiceAccount,
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
+use kube::Resource;
 use kube::api::ObjectMeta;
-use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use crate::authorization::Authorization;
@@ -133,10 +133,39 @@ pub fn pod_end(pod: &PodPhase) -> Option<(RunPhase, &'static str, &'static str)>
     }
 }
 
-/// Whether `pod` is the run's own (its controller owner reference names the run's uid).
-pub fn owned_by(pod: &PodPhase, run: &AgentRun) -> bool {
-    let uid = run.metadata.uid.as_deref();
-    uid.is_some() && pod.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)
+/// Whose an object found under a child's name (`deputy-run-<run>`) is. Names are
+/// predictable, so anyone who can create Secrets, ServiceAccounts or Pods in the namespace can
+/// take one first: Deputy writes to, deletes and trusts only objects whose controller owner
+/// reference names the run's uid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Nothing has the name: the child is created (a create, which fails if the name is taken).
+    Absent,
+    /// The run's own; `uid` is the object's, a precondition on every write and delete.
+    Ours { uid: String },
+    /// Someone else's (a tenant's, or a child of an earlier run of the same name). `leaving`:
+    /// it is being deleted, so the name will be free soon.
+    Foreign { leaving: bool },
+}
+
+/// Whose the object with `meta` is, for `run` (`None`: there is no such object).
+pub fn found(meta: Option<&ObjectMeta>, run: &AgentRun) -> Found {
+    let Some(meta) = meta else { return Found::Absent };
+    let run_uid = run.metadata.uid.as_deref().filter(|u| !u.is_empty());
+    let controlled = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == run_uid && o.kind == AgentRun::kind(&()));
+    match meta.uid.as_deref().filter(|u| !u.is_empty()) {
+        Some(uid) if controlled => Found::Ours { uid: uid.to_string() },
+        _ => Found::Foreign { leaving: meta.deletion_timestamp.is_some() },
+    }
+}
+
+/// Whether the object with `meta` is the run's own child.
+pub fn owned_by(meta: &ObjectMeta, run: &AgentRun) -> bool {
+    matches!(found(Some(meta), run), Found::Ours { .. })
 }
 
 /// A label value (at most 63 characters) naming `name`.

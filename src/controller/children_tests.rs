@@ -238,6 +238,7 @@ fn pod(phase: &str, deleting: bool, owner_uid: &str) -> PodPhase {
         "metadata": {
             "name": "deputy-run-gdpr-check-q4",
             "namespace": "marketing",
+            "uid": "pod-1",
             "deletionTimestamp": deleting.then_some("2026-11-23T12:00:00Z"),
             "ownerReferences": [{"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
                                  "name": "gdpr-check-q4", "uid": owner_uid, "controller": true}],
@@ -266,14 +267,48 @@ fn pod_end_maps_phase_and_deletion_to_the_run_outcome() {
 }
 
 #[test]
-fn owned_by_needs_the_runs_uid() {
+fn only_an_object_the_run_controls_by_uid_is_ours() {
     let r = run();
-    assert!(owned_by(&pod("Running", false, "uid-1"), &r));
-    // A pod of the same name left by an earlier run of that name is not this run's.
-    assert!(!owned_by(&pod("Running", false, "uid-0"), &r));
+    let meta = |uid: Option<&str>, deleting: bool, owner: serde_json::Value| -> ObjectMeta {
+        serde_json::from_value(json!({
+            "name": "deputy-run-gdpr-check-q4",
+            "uid": uid,
+            "deletionTimestamp": deleting.then_some("2026-11-23T12:00:00Z"),
+            "ownerReferences": owner,
+        }))
+        .unwrap()
+    };
+    let owner = |kind: &str, uid: &str, controller: Option<bool>| {
+        json!([{"apiVersion": "deputy.dev/v1alpha1", "kind": kind, "name": "gdpr-check-q4", "uid": uid,
+                "controller": controller}])
+    };
+    let ours = || Found::Ours { uid: "obj-1".into() };
+    let foreign = |leaving| Found::Foreign { leaving };
+    let cases = [
+        ("the run's controller reference", meta(Some("obj-1"), false, owner("AgentRun", "uid-1", Some(true))), ours()),
+        ("ours and being deleted", meta(Some("obj-1"), true, owner("AgentRun", "uid-1", Some(true))), ours()),
+        // A tenant's object, made before the run (no owner at all).
+        ("no owner", meta(Some("obj-1"), false, json!(null)), foreign(false)),
+        // A child of an earlier run of the same name: the name matches, the uid does not.
+        ("an earlier run's", meta(Some("obj-1"), false, owner("AgentRun", "uid-0", Some(true))), foreign(false)),
+        ("an earlier run's, leaving", meta(Some("obj-1"), true, owner("AgentRun", "uid-0", Some(true))), foreign(true)),
+        // Naming the run as a mere owner (anyone can add that reference) does not make it ours.
+        ("a non-controller reference", meta(Some("obj-1"), false, owner("AgentRun", "uid-1", None)), foreign(false)),
+        ("controller: false", meta(Some("obj-1"), false, owner("AgentRun", "uid-1", Some(false))), foreign(false)),
+        ("another kind with the uid", meta(Some("obj-1"), false, owner("Agent", "uid-1", Some(true))), foreign(false)),
+        ("an object without a uid", meta(None, false, owner("AgentRun", "uid-1", Some(true))), foreign(false)),
+    ];
+    for (what, m, want) in cases {
+        assert_eq!(found(Some(&m), &r), want, "{what}");
+        assert_eq!(owned_by(&m, &r), matches!(want, Found::Ours { .. }), "{what}");
+    }
+    assert_eq!(found(None, &r), Found::Absent);
+    // A run without a uid (never from the API server) owns nothing.
     let mut no_uid = r.clone();
     no_uid.metadata.uid = None;
-    assert!(!owned_by(&pod("Running", false, ""), &no_uid));
+    let m = meta(Some("obj-1"), false, owner("AgentRun", "", Some(true)));
+    assert_eq!(found(Some(&m), &no_uid), foreign(false));
+    assert!(owned_by(&pod("Running", false, "uid-1").metadata, &r));
 }
 
 #[test]

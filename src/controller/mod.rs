@@ -5,6 +5,7 @@
 pub mod children;
 pub mod events;
 mod grants;
+mod owned;
 mod reconcile;
 
 use std::collections::HashMap;
@@ -57,6 +58,9 @@ pub enum Error {
     Serde(#[from] serde_json::Error),
     #[error("object has no {0}")]
     MissingField(&'static str),
+    /// A child's name is held by an object the run does not own (see `owned`).
+    #[error("{0}")]
+    NameTaken(owned::Taken),
 }
 
 impl Error {
@@ -68,6 +72,7 @@ impl Error {
             Error::Signing(_) => "signing",
             Error::Serde(_) => "serialisation",
             Error::MissingField(_) => "invalid_object",
+            Error::NameTaken(_) => "name_taken",
         }
     }
 }

@@ -6,15 +6,16 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::children::{self, PodPhase, RunInfo};
+use super::children::{self, Found, PodPhase, RunInfo};
 use super::events::EventType;
+use super::owned::{self, Taken};
 use super::{Context, Error, FINALIZER, MANAGER, requeue};
 use crate::audit::{Action as AuditAction, Record};
 use crate::authorization::{self, Authorization, Decision, Input, Parent, Reason, Refusal};
@@ -35,7 +36,10 @@ pub async fn reconcile(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action, 
     let started = std::time::Instant::now();
     let result = finalizer(&api, FINALIZER, run, |event| async {
         match event {
-            Finalizer::Apply(run) => apply(&run, &ctx).await,
+            Finalizer::Apply(run) => match apply(&run, &ctx).await {
+                Err(Error::NameTaken(taken)) => name_taken(&run, &ctx, taken).await,
+                other => other,
+            },
             Finalizer::Cleanup(run) => cleanup(&run, &ctx).await,
         }
     })
@@ -396,7 +400,7 @@ async fn mint(
     run: &AgentRun,
     ctx: &Context,
     auth: &Authorization,
-    rotations: u32,
+    (rotations, secret): (u32, Option<Found>),
     now: Timestamp,
 ) -> Result<(Timestamp, Timestamp, String), Error> {
     let ns = run.namespace().unwrap_or_default();
@@ -444,9 +448,9 @@ async fn mint(
         next_rotation_at: next.min(expires),
         deadline,
     };
+    let secret_found = secret;
     let secret = children::desired_secret(run, &token, &info)?;
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    api.patch(&children::child_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&secret)).await?;
+    owned::put(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), &secret, run, secret_found).await?;
     ctx.metrics.token_minted("run");
     Ok((now, expires, claims.jti))
 }
@@ -469,9 +473,17 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
 
     let mut status = run.status.clone().unwrap_or_default();
     auth.record_in(&mut status);
-    let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
-    sa_api.patch(&children::child_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&sa)).await?;
-    let (iat, exp, jti) = mint(run, ctx, &auth, status.rotations, now).await?;
+    // Each child is created (or, if the cache shows the run's own, written at its uid): a name
+    // someone else took first fails the run (`name_taken`), and what was made is removed.
+    let child = children::child_name(&name);
+    let sa_known = owned::known(
+        ctx.stores.service_accounts.get(&ObjectRef::new(&child).within(&ns)).as_ref().map(|m| &m.metadata),
+        run,
+    );
+    owned::put(&Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns), &sa, run, sa_known).await?;
+    let secret_known =
+        owned::known(ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns)).as_ref().map(|m| &m.metadata), run);
+    let (iat, exp, jti) = mint(run, ctx, &auth, (status.rotations, secret_known), now).await?;
     let (actors, scopes, audiences) =
         (chain_of(&status), status.granted_scopes.clone(), status.granted_audiences.clone());
     let base = Record {
@@ -516,8 +528,9 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     );
     write_status(run, ctx, status.clone()).await?;
 
-    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    pod_api.patch(&children::child_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&pod)).await?;
+    let pod_known =
+        owned::known(ctx.stores.pods.get(&ObjectRef::new(&child).within(&ns)).as_ref().map(|p| &p.metadata), run);
+    owned::put(&Api::<Pod>::namespaced(ctx.client.clone(), &ns), &pod, run, pod_known).await?;
 
     Record { reason: Some("Authorized"), ..base }.emit();
     ctx.metrics.run_authorized();
@@ -534,7 +547,8 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     Ok(next_wakeup(run, &status, ctx, now))
 }
 
-/// An active run: follow its pod, rotate its token, recreate missing children.
+/// An active run: follow its pod, rotate its token, recreate missing children (never writing
+/// to an object under a child's name that is not the run's own).
 async fn keep_active(
     run: &AgentRun,
     ctx: &Context,
@@ -547,34 +561,38 @@ async fn keep_active(
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let child = children::child_name(&name);
-    let child_ref = |_: ()| ObjectRef::<PodPhase>::new(&child).within(&ns);
 
-    // The pod.
-    let mut pod = ctx.stores.pods.get(&child_ref(()));
+    // The pod: the cache's copy when it is the run's own, else the API server's (the cache
+    // may lag our own create, and it follows the `managed-by` label only).
+    let mut pod =
+        ctx.stores.pods.get(&ObjectRef::new(&child).within(&ns)).filter(|p| children::owned_by(&p.metadata, run));
     if pod.is_none() {
-        // The cache may lag our own create; ask before acting.
         pod = Api::<PodPhase>::namespaced(ctx.client.clone(), &ns).get_opt(&child).await?.map(Arc::new);
-        // The cache follows the `managed-by` label: a pod of ours without it would end unseen.
-        let (key, value) = children::MANAGED_BY;
-        if let Some(p) = pod.as_deref().filter(|p| {
-            children::owned_by(p, run)
-                && p.metadata.labels.as_ref().and_then(|l| l.get(key)).map(String::as_str) != Some(value)
-        }) {
-            tracing::warn!(namespace = %ns, run = %name, "the run's pod lost its {key} label; putting it back");
-            let patch = serde_json::json!({"metadata": {"labels": {key: value}}});
-            Api::<PodPhase>::namespaced(ctx.client.clone(), &ns)
-                .patch(&child, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-            publish(
-                ctx,
-                run,
-                EventType::Warning,
-                "PodRelabelled",
-                "Relabel",
-                format!("the pod {:?} lost its {key} label, which Deputy watches it by; it was put back", p.name_any()),
-            )
-            .await;
+    }
+    match children::found(pod.as_deref().map(|p| &p.metadata), run) {
+        Found::Foreign { leaving } => return Err(owned::taken::<Pod>(&child, leaving)),
+        Found::Ours { uid } => {
+            let (key, value) = children::MANAGED_BY;
+            let labels = pod.as_deref().and_then(|p| p.metadata.labels.as_ref());
+            if labels.and_then(|l| l.get(key)).map(String::as_str) != Some(value) {
+                // Without the label the cache would not follow the pod, and its end would go unseen.
+                tracing::warn!(namespace = %ns, run = %name, "the run's pod lost its {key} label; putting it back");
+                let patch = json!({"metadata": {"uid": uid, "labels": {key: value}}});
+                Api::<PodPhase>::namespaced(ctx.client.clone(), &ns)
+                    .patch(&child, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+                publish(
+                    ctx,
+                    run,
+                    EventType::Warning,
+                    "PodRelabelled",
+                    "Relabel",
+                    format!("the pod {child:?} lost its {key} label, which Deputy watches it by; it was put back"),
+                )
+                .await;
+            }
         }
+        Found::Absent => {}
     }
     if let Some((phase, reason, message)) = pod.as_deref().and_then(children::pod_end) {
         return end(run, ctx, phase, reason, message).await;
@@ -594,9 +612,7 @@ async fn keep_active(
             match children::desired_pod(run, &agent, auth, &ctx.cfg.children, now) {
                 Ok(p) => {
                     tracing::info!(namespace = %ns, run = %name, "the run's pod is missing; creating it again");
-                    Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-                        .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&p))
-                        .await?;
+                    owned::put(&Api::<Pod>::namespaced(ctx.client.clone(), &ns), &p, run, Some(Found::Absent)).await?;
                 }
                 Err(e) => {
                     tracing::warn!(namespace = %ns, run = %name, error = %e, "the run's pod is missing and cannot be built")
@@ -612,18 +628,28 @@ async fn keep_active(
     }
 
     // The ServiceAccount and the Secret must exist while the run is active.
-    let sa_missing = ctx.stores.service_accounts.get(&ObjectRef::new(&child).within(&ns)).is_none()
-        && Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns).get_metadata_opt(&child).await?.is_none();
-    if sa_missing {
+    let sa_api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns);
+    let cached = ctx.stores.service_accounts.get(&ObjectRef::new(&child).within(&ns));
+    let sa = owned::look(&sa_api, &child, cached.as_ref().map(|m| &m.metadata), run).await?;
+    if sa == Found::Absent {
         let agent =
             ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns)).ok_or(Error::MissingField("agent"))?;
-        let sa = children::desired_service_account(run, &agent, auth);
-        Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns)
-            .patch(&child, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&sa))
-            .await?;
+        owned::put(&sa_api, &children::desired_service_account(run, &agent, auth), run, Some(sa)).await?;
+    } else if let Found::Foreign { leaving } = sa {
+        return Err(owned::taken::<ServiceAccount>(&child, leaving));
     }
-    let secret_missing = ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns)).is_none()
-        && Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_metadata_opt(&child).await?.is_none();
+    let cached = ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns));
+    let secret = owned::look(
+        &Api::<Secret>::namespaced(ctx.client.clone(), &ns),
+        &child,
+        cached.as_ref().map(|m| &m.metadata),
+        run,
+    )
+    .await?;
+    if let Found::Foreign { leaving } = secret {
+        return Err(owned::taken::<Secret>(&child, leaving));
+    }
+    let secret_missing = secret == Found::Absent;
 
     // Rotation at about half the token's life (or at once if the Secret went missing).
     let due = match (status.token_issued_at, status.token_expires_at) {
@@ -633,7 +659,7 @@ async fn keep_active(
         _ => true,
     };
     if due || secret_missing {
-        let (iat, exp, jti) = mint(run, ctx, auth, status.rotations, now).await?;
+        let (iat, exp, jti) = mint(run, ctx, auth, (status.rotations, Some(secret)), now).await?;
         status.token_issued_at = Some(iat);
         status.token_expires_at = Some(exp);
         status.token_id = Some(jti.clone());
@@ -714,7 +740,7 @@ async fn end(run: &AgentRun, ctx: &Context, phase: RunPhase, reason: &str, messa
     publish(
         ctx,
         run,
-        if revoked { EventType::Warning } else { EventType::Normal },
+        if revoked || phase == RunPhase::Failed { EventType::Warning } else { EventType::Normal },
         reason,
         "Revoke",
         message.to_string(),
@@ -738,20 +764,44 @@ async fn end(run: &AgentRun, ctx: &Context, phase: RunPhase, reason: &str, messa
 async fn remove_credentials(run: &AgentRun, ctx: &Context, pod_too: bool) -> Result<(), Error> {
     let ns = run.namespace().unwrap_or_default();
     let child = children::child_name(&run.name_any());
-    let dp = DeleteParams::background();
-    ignore_missing(Api::<Secret>::namespaced(ctx.client.clone(), &ns).delete(&child, &dp).await.map(|_| ()))?;
-    ignore_missing(Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns).delete(&child, &dp).await.map(|_| ()))?;
+    let cached = ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns));
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
+    owned::remove(&api, &child, cached.as_ref().map(|m| &m.metadata), run).await?;
+    let cached = ctx.stores.service_accounts.get(&ObjectRef::new(&child).within(&ns));
+    let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns);
+    owned::remove(&api, &child, cached.as_ref().map(|m| &m.metadata), run).await?;
     if pod_too {
-        ignore_missing(Api::<Pod>::namespaced(ctx.client.clone(), &ns).delete(&child, &dp).await.map(|_| ()))?;
+        let cached = ctx.stores.pods.get(&ObjectRef::new(&child).within(&ns));
+        let api = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
+        owned::remove(&api, &child, cached.as_ref().map(|p| &p.metadata), run).await?;
     }
     Ok(())
 }
 
-fn ignore_missing(r: Result<(), kube::Error>) -> Result<(), Error> {
-    match r {
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        other => other.map_err(Error::from),
+/// A child's name is held by an object the run does not own. One on its way out (a run
+/// deleted and created again under its name, whose old pod is still stopping) is waited for;
+/// any other ends the run `Failed` with `ChildConflict`: Deputy never adopts, writes to or
+/// deletes it, and removes whatever of the run's own it had made.
+async fn name_taken(run: &AgentRun, ctx: &Context, taken: Taken) -> Result<Action, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    if taken.leaving {
+        let mut status = run.status.clone().unwrap_or_default();
+        if !status.phase.is_some_and(RunPhase::is_active) {
+            let already = status.reason.as_deref() == Some("NameInUse");
+            let message = format!("{taken}; the run starts when it is gone");
+            status.phase = Some(RunPhase::Pending);
+            status.reason = Some("NameInUse".into());
+            status.message = Some(message.clone());
+            write_status(run, ctx, status).await?;
+            if !already {
+                publish(ctx, run, EventType::Normal, "NameInUse", "Authorize", format!("waiting: {message}")).await;
+            }
+        }
+        return Ok(requeue(Duration::from_secs(2)));
     }
+    tracing::warn!(namespace = %ns, run = %run.name_any(), %taken, "a child's name is taken by an object the run does not own");
+    let message = format!("{taken}: Deputy does not adopt, change or delete it, and the run cannot go on without it");
+    end(run, ctx, RunPhase::Failed, "ChildConflict", &message).await
 }
 
 /// The run is being deleted: revoke it if it was live, remove its credentials, and let the

@@ -168,7 +168,7 @@ pub fn is_live(pods: &Store<PodPhase>, run: &AgentRun) -> bool {
 fn pod_has_ended(pods: &Store<PodPhase>, run: &AgentRun) -> bool {
     let name = children::child_name(&run.name_any());
     let pod = pods.get(&ObjectRef::new(&name).within(&run.namespace().unwrap_or_default()));
-    pod.is_some_and(|p| children::owned_by(&p, run) && children::pod_end(&p).is_some())
+    pod.is_some_and(|p| children::owned_by(&p.metadata, run) && children::pod_end(&p).is_some())
 }
 
 /// Whether the run's status says it is active (not yet ended, not revoked, not deleted).
@@ -454,7 +454,7 @@ async fn authenticate_actor(s: &EndpointState, actor_token: &str, run: &AgentRun
 /// The uid of the run's pod as it exists now: from the cache, or (when the cache has not seen
 /// it yet) from the API server. A pod of another owner under the same name does not count.
 async fn live_pod_uid(s: &EndpointState, run: &AgentRun, ns: &str, child: &str) -> Result<Option<String>, OAuthError> {
-    let owned = |p: &PodPhase| children::owned_by(p, run).then(|| p.metadata.uid.clone()).flatten();
+    let owned = |p: &PodPhase| children::owned_by(&p.metadata, run).then(|| p.metadata.uid.clone()).flatten();
     if let Some(p) = s.pods.get(&ObjectRef::new(child).within(ns)) {
         return Ok(owned(&p));
     }
@@ -591,7 +591,7 @@ mod tests {
         let (store, mut writer) = kube::runtime::reflector::store::<PodPhase>();
         if let Some(phase) = phase {
             let pod: PodPhase = serde_json::from_value(json!({
-                "metadata": {"name": "deputy-run-r1", "namespace": "ns",
+                "metadata": {"name": "deputy-run-r1", "namespace": "ns", "uid": "pod-1",
                              "ownerReferences": [{"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
                                                   "name": "r1", "uid": owner_uid, "controller": true}]},
                 "status": {"phase": phase},

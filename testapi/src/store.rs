@@ -87,6 +87,18 @@ fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     obj.get("metadata")?.get(field)?.as_str()
 }
 
+/// A write that names a uid (`metadata.uid` in the body) is refused unless it is the stored
+/// object's, with the real server's answer (422: the uid is immutable).
+fn check_uid(res: &ResourceDef, name: &str, want: &str, have: Option<&str>) -> ApiResult<()> {
+    if Some(want) == have {
+        return Ok(());
+    }
+    Err(ApiError::invalid(format!(
+        "The {} \"{name}\" is invalid: metadata.uid: Invalid value: \"{want}\": field is immutable",
+        res.kind
+    )))
+}
+
 /// The uids an object's ownerReferences name.
 fn owner_uids(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/ownerReferences")
@@ -337,6 +349,10 @@ impl State {
         {
             return Err(ApiError::conflict(&res_name(res), &key.name));
         }
+        // Like a real server, a uid in the written object is a precondition.
+        if let Some(uid) = meta_str(&new, "uid").filter(|u| !u.is_empty()) {
+            check_uid(res, &key.name, uid, meta_str(&old, "uid"))?;
+        }
         if sub == Some("status") {
             let status = new.get("status").cloned();
             new = old.clone();
@@ -500,15 +516,29 @@ impl State {
         let skip_status = !status_only && res.status;
         let new_set = apply::field_set(&applied, status_only, skip_status);
         let mkey = (key.clone(), status_only);
+        let want_uid = meta_str(&applied, "uid").filter(|u| !u.is_empty()).map(str::to_string);
         let Some(old) = self.objects.get(key).cloned() else {
             if status_only {
                 return Err(ApiError::not_found(&res_name(res), &key.name));
+            }
+            if let Some(uid) = want_uid {
+                return Err(ApiError::new(
+                    409,
+                    format!(
+                        "Operation cannot be fulfilled on {} \"{}\": uid mismatch: the provided object specified uid {uid}, and no existing object was found",
+                        res_name(res),
+                        key.name
+                    ),
+                ));
             }
             let ns = (!key.ns.is_empty()).then_some(key.ns.as_str());
             let created = self.create(res, ns, applied)?;
             self.managers.entry(mkey).or_default().insert(manager.to_string(), new_set);
             return Ok(created);
         };
+        if let Some(uid) = want_uid.as_deref() {
+            check_uid(res, &key.name, uid, meta_str(&old, "uid"))?;
+        }
         let owners = self.managers.get(&mkey).cloned().unwrap_or_default();
         let prev = owners.get(manager).cloned().unwrap_or_default();
         let others: FieldSet =

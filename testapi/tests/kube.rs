@@ -295,6 +295,28 @@ async fn server_side_apply() {
     assert_eq!(code(bad), 400);
 }
 
+/// A uid in a written object is a precondition, as on a real API server (checked against
+/// kube-apiserver v1.35: 422 "field is immutable" for another object's uid, 409 "uid
+/// mismatch" for an apply onto a name with no object).
+#[tokio::test]
+async fn a_uid_in_the_body_is_a_precondition() {
+    let (_s, client) = setup().await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    let uid = api.create(&PostParams::default(), &cm("held", &[])).await.unwrap().metadata.uid.unwrap();
+    let pp = PatchParams::apply("mgr").force();
+    let body = |name: &str, uid: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "uid": uid}, "data": {"k": "w"}});
+    let c = api.patch("held", &pp, &Patch::Apply(&body("held", &uid))).await.unwrap();
+    assert_eq!(c.data.unwrap().get("k").map(String::as_str), Some("w"));
+    let other = "00000000-0000-0000-0000-000000000000";
+    assert_eq!(code(api.patch("held", &pp, &Patch::Apply(&body("held", other))).await.unwrap_err()), 422);
+    assert_eq!(code(api.patch("gone", &pp, &Patch::Apply(&body("gone", &uid))).await.unwrap_err()), 409);
+    assert!(api.get_opt("gone").await.unwrap().is_none());
+    let merge = json!({"metadata": {"uid": other, "labels": {"x": "y"}}});
+    assert_eq!(code(api.patch("held", &PatchParams::default(), &Patch::Merge(&merge)).await.unwrap_err()), 422);
+    let merge = json!({"metadata": {"uid": uid, "labels": {"x": "y"}}});
+    api.patch("held", &PatchParams::default(), &Patch::Merge(&merge)).await.unwrap();
+}
+
 #[tokio::test]
 async fn merge_json_and_strategic_patches() {
     let (_s, client) = setup().await;

@@ -340,6 +340,25 @@ pub async fn let_users_manage_runs(client: &Client, ns: &str) {
     apply(client, &binding).await;
 }
 
+/// Lets `user` make and change Secrets, ServiceAccounts and Pods in `ns`, as the built-in
+/// `edit` role would: a tenant who can take the names of a run's children first.
+pub async fn let_user_manage_workloads(client: &Client, ns: &str, user: &str) {
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "tenant-workloads", "namespace": ns},
+        "rules": [{"apiGroups": [""], "resources": ["secrets", "serviceaccounts", "pods"],
+                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "tenant-workloads", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tenant-workloads"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    });
+    apply(client, &role).await;
+    apply(client, &binding).await;
+}
+
 pub async fn user_client(cp: &ControlPlane, name: &str) -> Client {
     super::client_for(&cp.user(name).unwrap().kubeconfig).await
 }

@@ -382,8 +382,6 @@ impl Env {
             .await
     }
 
-    /// Plays the kubelet: sets the pod's phase (a status patch, as the kubelet makes; on the real
-    /// backend no kubelet runs, and the pods stay unscheduled).
     /// The run's pod, once it exists (Deputy writes `Authorized` just before creating it).
     pub async fn pod(&self, name: &str) -> Pod {
         let pods: Api<Pod> = self.api();
@@ -393,6 +391,30 @@ impl Env {
         pods.get(name).await.unwrap()
     }
 
+    /// The (type, reason) of every Event about the run `name` so far (waiting up to 10 s
+    /// for the first: an Event is written after the status it reports).
+    pub async fn events_for(&self, name: &str) -> Vec<(String, String)> {
+        let events: Api<k8s_openapi::api::events::v1::Event> = self.api();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found: Vec<(String, String)> = events
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+                .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+                .collect();
+            if !found.is_empty() || Instant::now() > deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Plays the kubelet: sets the pod's phase (a status patch, as the kubelet makes; on the real
+    /// backend no kubelet runs, and the pods stay unscheduled).
     pub async fn set_pod_phase(&self, pod: &str, phase: &str) {
         let pods: Api<Pod> = self.api();
         // The run's status may be written before its pod is created.
@@ -568,9 +590,14 @@ pub async fn send(client: &Client, req: http::Request<Vec<u8>>) -> Result<Value,
     }
 }
 
-/// The collection URL of a Deputy object (`deputy.dev/v1alpha1`, namespaced).
+/// The collection URL of a Deputy object (`deputy.dev/v1alpha1`, namespaced), or of a core
+/// Secret, ServiceAccount or Pod.
 pub fn collection(obj: &Value) -> String {
+    let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
     let plural = match obj["kind"].as_str().unwrap() {
+        core @ ("Secret" | "ServiceAccount" | "Pod") => {
+            return format!("/api/v1/namespaces/{ns}/{}s", core.to_lowercase());
+        }
         "Agent" => "agents",
         "DelegationGrant" => "delegationgrants",
         "AgentRun" => "agentruns",
@@ -578,10 +605,10 @@ pub fn collection(obj: &Value) -> String {
         "ResourceServer" => return "/apis/deputy.dev/v1alpha1/resourceservers".to_string(),
         other => panic!("not a Deputy kind: {other}"),
     };
-    format!("/apis/deputy.dev/v1alpha1/namespaces/{}/{plural}", obj["metadata"]["namespace"].as_str().unwrap())
+    format!("/apis/deputy.dev/v1alpha1/namespaces/{ns}/{plural}")
 }
 
-/// POSTs a Deputy object as a client would: with `fieldValidation=Strict` (as `kubectl apply
+/// POSTs an object (see `collection`) as a client would: with `fieldValidation=Strict` (as `kubectl apply
 /// --validate=strict`), or without (the API server's default: unknown fields are pruned).
 pub async fn create_object(client: &Client, obj: &Value, strict: bool) -> Result<Value, Refusal> {
     let query = if strict { "?fieldValidation=Strict" } else { "" };

@@ -1,0 +1,105 @@
+//! Writing and deleting a run's children without ever touching an object the run does not own.
+//!
+//! A child's name is predictable (`deputy-run-<run>`), so anyone who may create Secrets,
+//! ServiceAccounts or Pods in the namespace can take it first. A server-side apply would adopt
+//! such an object (and keep whatever its maker put in it: annotations that map the
+//! ServiceAccount to a cloud role, a Secret they can read), so a child is first *created*,
+//! which fails when the name is taken; every later write and every delete names the child's
+//! uid as a precondition, so an object replaced in between is never written or deleted.
+
+use std::fmt::Debug;
+
+use kube::Resource;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::children::{self, Found};
+use super::{Error, MANAGER};
+use crate::resources::AgentRun;
+
+/// A child's name is held by someone else's object.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the {kind} {name:?} exists and is not this run's own{}", if *.leaving { " (it is being deleted)" } else { "" })]
+pub struct Taken {
+    pub kind: String,
+    pub name: String,
+    /// Being deleted: the name will be free soon.
+    pub leaving: bool,
+}
+
+/// The error for `name`, of kind `K`, held by someone else.
+pub fn taken<K: Resource<DynamicType = ()>>(name: &str, leaving: bool) -> Error {
+    Error::NameTaken(Taken { kind: K::kind(&()).into_owned(), name: name.to_string(), leaving })
+}
+
+/// What a cache's copy tells of a child without asking the API server: only that it is the
+/// run's own (the cache may be behind, and a foreign object is usually not in it at all).
+pub fn known(cached: Option<&ObjectMeta>, run: &AgentRun) -> Option<Found> {
+    cached.filter(|m| children::owned_by(m, run)).map(|m| children::found(Some(m), run))
+}
+
+/// Whose the object under `name` is. The cache's copy answers when it shows the run's own
+/// child; otherwise the API server does (the caches hold only Deputy-labelled objects, so a
+/// tenant's object under the name is not in them).
+pub async fn look<K>(api: &Api<K>, name: &str, cached: Option<&ObjectMeta>, run: &AgentRun) -> Result<Found, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    if let Some(meta) = cached.filter(|m| children::owned_by(m, run)) {
+        return Ok(children::found(Some(meta), run));
+    }
+    let meta = api.get_metadata_opt(name).await?;
+    Ok(children::found(meta.as_ref().map(|m| &m.metadata), run))
+}
+
+/// Writes `obj` as the run's child. `known` is what the caller already knows of the name
+/// (`None`: nothing). The run's own child is applied with its uid as a precondition; a free
+/// name is created; a name held by someone else is never written (`Error::NameTaken`).
+pub async fn put<K>(api: &Api<K>, obj: &K, run: &AgentRun, known: Option<Found>) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+{
+    let name = obj.meta().name.clone().ok_or(Error::MissingField("metadata.name"))?;
+    let uid = match known {
+        Some(Found::Ours { uid }) => uid,
+        Some(Found::Foreign { leaving }) => return Err(taken::<K>(&name, leaving)),
+        Some(Found::Absent) | None => {
+            let params = PostParams { field_manager: Some(MANAGER.to_string()), ..Default::default() };
+            match api.create(&params, obj).await {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => match look(api, &name, None, run).await? {
+                    Found::Ours { uid } => uid,
+                    Found::Foreign { leaving } => return Err(taken::<K>(&name, leaving)),
+                    // Deleted again since: the next reconcile creates it.
+                    Found::Absent => return Err(taken::<K>(&name, true)),
+                },
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let mut obj = obj.clone();
+    // The API server refuses the write when the object under the name has another uid (422,
+    // the uid is immutable) or when there is none (409, uid mismatch).
+    obj.meta_mut().uid = Some(uid);
+    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await?;
+    Ok(())
+}
+
+/// Deletes the run's own child under `name`, if there is one; someone else's is left alone.
+pub async fn remove<K>(api: &Api<K>, name: &str, cached: Option<&ObjectMeta>, run: &AgentRun) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let Found::Ours { uid } = look(api, name, cached, run).await? else { return Ok(()) };
+    let params = DeleteParams {
+        preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        // Gone already, or replaced by an object that is not ours (the uid precondition).
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
