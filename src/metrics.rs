@@ -144,7 +144,7 @@ impl Metrics {
 
 /// Revocation reasons are a known set; anything else is counted as "Other".
 fn bounded_reason(reason: &str) -> &'static str {
-    const KNOWN: [&str; 22] = [
+    const KNOWN: [&str; 23] = [
         "PodSucceeded",
         "PodFailed",
         "PodDeleted",
@@ -153,6 +153,7 @@ fn bounded_reason(reason: &str) -> &'static str {
         "AgentDeleted",
         "GrantDeleted",
         "GrantExpired",
+        "GrantNotYetValid",
         "ParentEnded",
         "AuthorityReduced",
         "DeniedByGrant",

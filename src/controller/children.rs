@@ -381,7 +381,24 @@ pub fn rotation_at(issued_at: Timestamp, expires_at: Timestamp, uid: &str, rotat
     let mut eight = [0u8; 8];
     eight.copy_from_slice(&d.as_ref()[..8]);
     let jitter = i64::try_from(u64::from_le_bytes(eight) % spread.unsigned_abs()).unwrap_or(0);
-    issued_at.saturating_add(SignedDuration::from_secs(lifetime / 2 + jitter)).unwrap_or(issued_at)
+    // Never at the issue time itself (a lifetime of one second would rotate at once).
+    let offset = (lifetime / 2 + jitter).max(lifetime.min(1));
+    issued_at.saturating_add(SignedDuration::from_secs(offset)).unwrap_or(issued_at)
+}
+
+/// When to re-mint a run token issued at `issued_at` that expires at `expires_at`, for a run
+/// whose deadline is `deadline`; `rotations` counts the tokens minted before the next one.
+/// `None` when the token already lives until the deadline: a new one could not live longer, so
+/// the last token of a run simply lasts until its deadline (re-minting it was a hot loop once
+/// its remaining life fell to a second).
+pub fn next_rotation(
+    issued_at: Timestamp,
+    expires_at: Timestamp,
+    deadline: Timestamp,
+    uid: &str,
+    rotations: u32,
+) -> Option<Timestamp> {
+    (expires_at < deadline).then(|| rotation_at(issued_at, expires_at, uid, rotations))
 }
 
 #[cfg(test)]

@@ -233,6 +233,57 @@ fn rotation_is_at_half_life_with_bounded_jitter_spread_across_runs() {
     assert!(rotation_at(iat, exp, "u", 1) < exp);
 }
 
+/// A run's whole life, minted the way the controller mints (`exp = min(iat + ttl,
+/// deadline)`, the next mint at `next_rotation`), without a clock: the number of mints is
+/// about its lifetime over half its TTL, none in a loop before the deadline (D1: one run was
+/// re-minted ~180 times in its last second), and no token is minted already expired.
+#[test]
+fn a_run_is_reminted_about_every_half_ttl_and_its_last_token_lives_until_the_deadline() {
+    let cases = [
+        // (ttl s, lifetime s, most mints)
+        (30, 60, 4),
+        (30, 61, 4),
+        (30, 89, 5),
+        (10, 3600, 720),
+        (600, 600, 1),
+        (600, 300, 1),
+        (30, 31, 2),
+        // Below the CRD's 30 s minimum, still no loop.
+        (2, 5, 4),
+    ];
+    for (ttl, life, most) in cases {
+        for run in 0..50 {
+            let uid = format!("uid-{run}");
+            let start = now();
+            let deadline = start + SignedDuration::from_secs(life);
+            let (mut t, mut mints, mut last_5s) = (start, 0u32, 0u32);
+            loop {
+                let exp = (t + SignedDuration::from_secs(ttl)).min(deadline);
+                assert!(exp > t, "ttl {ttl} life {life}: a token minted at {t} expires at {exp}");
+                mints += 1;
+                if deadline.as_second() - t.as_second() < 5 {
+                    last_5s += 1;
+                }
+                assert!(mints <= most, "ttl {ttl} life {life} {uid}: more than {most} mints");
+                match next_rotation(t, exp, deadline, &uid, mints) {
+                    Some(next) if next < deadline => {
+                        assert!(next > t && next <= exp, "rotation at {next} for a token of {t}..{exp}");
+                        t = next;
+                    }
+                    _ => break,
+                }
+            }
+            if ttl >= 10 {
+                assert!(last_5s <= 2, "ttl {ttl} life {life}: {last_5s} mints in the last 5 s");
+            }
+        }
+    }
+    // The last token is never rotated.
+    let (iat, deadline) = (now(), now() + SignedDuration::from_secs(20));
+    assert_eq!(next_rotation(iat, deadline, deadline, "u", 3), None);
+    assert!(next_rotation(iat, deadline - SignedDuration::from_secs(1), deadline, "u", 3).is_some());
+}
+
 fn pod(phase: &str, deleting: bool, owner_uid: &str) -> PodPhase {
     serde_json::from_value(json!({
         "metadata": {

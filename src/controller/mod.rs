@@ -112,21 +112,27 @@ pub struct Context {
 /// What a reconcile wrote to a run's status.
 #[derive(Debug, Clone, Copy)]
 struct Written {
-    /// Progress: 0 pending, 1 authorized, 2 running, 3 terminal, 4 terminal with credentials gone.
-    stage: u8,
+    progress: Progress,
     at: std::time::Instant,
 }
 
-/// How far along its life a run's status says it is.
-fn stage_of(status: Option<&crate::resources::AgentRunStatus>) -> u8 {
+/// How far along its life a run's status says it is: the stage (0 pending, 1 authorized,
+/// 2 running, 3 terminal, 4 terminal with credentials gone), then the number of rotations.
+/// Only Deputy moves either forward, so a cached status behind the last one Deputy wrote is
+/// stale. The rotation count matters: a rotation does not change the stage, and a reconcile
+/// on the pre-rotation copy would mint a second time.
+type Progress = (u8, u32);
+
+fn progress_of(status: Option<&crate::resources::AgentRunStatus>) -> Progress {
     use crate::resources::RunPhase;
-    match status.and_then(|s| s.phase.map(|p| (p, s.revoked_at.is_some()))) {
+    let stage = match status.and_then(|s| s.phase.map(|p| (p, s.revoked_at.is_some()))) {
         None | Some((RunPhase::Pending, _)) => 0,
         Some((RunPhase::Authorized, _)) => 1,
         Some((RunPhase::Running, _)) => 2,
         Some((p, false)) if p != RunPhase::Denied => 3,
         Some(_) => 4,
-    }
+    };
+    (stage, status.map_or(0, |s| s.rotations))
 }
 
 #[derive(Debug, Clone)]
@@ -158,14 +164,15 @@ impl Context {
             if w.len() > 100_000 {
                 w.retain(|_, v| v.at.elapsed() < std::time::Duration::from_secs(60));
             }
-            w.insert(uid.to_string(), Written { stage: stage_of(Some(status)), at: std::time::Instant::now() });
+            w.insert(uid.to_string(), Written { progress: progress_of(Some(status)), at: std::time::Instant::now() });
         }
     }
 
     /// Whether the cached run is behind a status this process wrote in the last minute.
     fn cache_is_behind(&self, uid: &str, cached: Option<&crate::resources::AgentRunStatus>) -> bool {
         let Ok(w) = self.written.lock() else { return false };
-        w.get(uid).is_some_and(|wr| wr.at.elapsed() < std::time::Duration::from_secs(60) && stage_of(cached) < wr.stage)
+        w.get(uid)
+            .is_some_and(|wr| wr.at.elapsed() < std::time::Duration::from_secs(60) && progress_of(cached) < wr.progress)
     }
 
     fn succeeded(&self, key: &str) {
@@ -638,5 +645,34 @@ mod tests {
         assert_eq!(ObjectRef::from_obj(&t), ObjectRef::from_obj(&run));
         assert_eq!(t.spec.parent_run.as_deref(), Some("p1"));
         assert!(t.spec.args.is_empty() && t.spec.env.is_empty() && t.status.is_none() && t.metadata.labels.is_none());
+    }
+
+    #[test]
+    fn a_cached_status_is_behind_when_its_stage_or_rotation_count_is() {
+        use crate::resources::{AgentRunStatus, RunPhase};
+        let at: jiff::Timestamp = "2026-11-23T12:00:00Z".parse().unwrap();
+        let st = |phase: RunPhase, rotations: u32, revoked: bool| AgentRunStatus {
+            phase: Some(phase),
+            rotations,
+            revoked_at: revoked.then_some(at),
+            ..Default::default()
+        };
+        let p = |s: AgentRunStatus| progress_of(Some(&s));
+        let cases = [
+            // (cached, written, behind)
+            (p(st(RunPhase::Pending, 0, false)), p(st(RunPhase::Authorized, 0, false)), true),
+            (p(st(RunPhase::Authorized, 0, false)), p(st(RunPhase::Authorized, 0, false)), false),
+            // D2: the copy from before a rotation would mint again.
+            (p(st(RunPhase::Running, 3, false)), p(st(RunPhase::Running, 4, false)), true),
+            (p(st(RunPhase::Authorized, 4, false)), p(st(RunPhase::Running, 4, false)), true),
+            // Ending moves the stage on, whatever the count.
+            (p(st(RunPhase::Revoked, 4, false)), p(st(RunPhase::Running, 5, false)), false),
+            (p(st(RunPhase::Revoked, 4, false)), p(st(RunPhase::Revoked, 4, true)), true),
+            (p(st(RunPhase::Denied, 0, false)), p(st(RunPhase::Pending, 0, false)), false),
+            (progress_of(None), p(st(RunPhase::Authorized, 0, false)), true),
+        ];
+        for (i, (cached, written, behind)) in cases.into_iter().enumerate() {
+            assert_eq!(cached < written, behind, "case {i}: {cached:?} vs {written:?}");
+        }
     }
 }

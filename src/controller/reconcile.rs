@@ -245,7 +245,7 @@ fn stop_pod(phase: RunPhase) -> bool {
 fn revocation_reason(r: Reason) -> &'static str {
     match r {
         Reason::AgentNotFound | Reason::AgentDeleted => "AgentDeleted",
-        Reason::NoGrant | Reason::GrantNotYetValid => "GrantDeleted",
+        Reason::NoGrant => "GrantDeleted",
         Reason::GrantExpired => "GrantExpired",
         Reason::ParentNotFound | Reason::ParentNotActive | Reason::ParentPending => "ParentEnded",
         other => other.as_str(),
@@ -395,7 +395,8 @@ async fn deny(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -
 }
 
 /// Mints a run token into the run's Secret from the decision just made (never from the
-/// status); returns the new token's issue and expiry times and its jti.
+/// status); returns the new token's issue and expiry times and its jti. `rotations` is the
+/// count the status will hold once this token is recorded (the seed of its rotation time).
 async fn mint(
     run: &AgentRun,
     ctx: &Context,
@@ -432,7 +433,8 @@ async fn mint(
     .claims();
     let token = keys.set.active().sign(&claims)?;
     let expires = claims.expires_at();
-    let next = children::rotation_at(now, expires, &run.uid().unwrap_or_default(), rotations + 1);
+    let next = children::next_rotation(now, expires, deadline, &run.uid().unwrap_or_default(), rotations + 1)
+        .unwrap_or(expires);
     let info = RunInfo {
         issuer: ctx.keys.issuer(),
         token_endpoint: &ctx.cfg.children.token_endpoint,
@@ -654,12 +656,13 @@ async fn keep_active(
     // Rotation at about half the token's life (or at once if the Secret went missing).
     let due = match (status.token_issued_at, status.token_expires_at) {
         (Some(iat), Some(exp)) => {
-            now >= children::rotation_at(iat, exp, &run.uid().unwrap_or_default(), status.rotations + 1)
+            children::next_rotation(iat, exp, auth.deadline, &run.uid().unwrap_or_default(), status.rotations + 1)
+                .is_some_and(|at| now >= at)
         }
         _ => true,
     };
     if due || secret_missing {
-        let (iat, exp, jti) = mint(run, ctx, auth, (status.rotations, Some(secret)), now).await?;
+        let (iat, exp, jti) = mint(run, ctx, auth, (status.rotations + 1, Some(secret)), now).await?;
         status.token_issued_at = Some(iat);
         status.token_expires_at = Some(exp);
         status.token_id = Some(jti.clone());
@@ -851,8 +854,8 @@ fn until(now: Timestamp, at: Timestamp) -> Duration {
 /// Requeue exactly at the next moment that matters: rotation, deadline, or a grant change.
 fn next_wakeup(run: &AgentRun, status: &AgentRunStatus, ctx: &Context, now: Timestamp) -> Action {
     let mut at: Vec<Timestamp> = vec![];
-    if let (Some(iat), Some(exp)) = (status.token_issued_at, status.token_expires_at) {
-        at.push(children::rotation_at(iat, exp, &run.uid().unwrap_or_default(), status.rotations + 1));
+    if let (Some(iat), Some(exp), Some(deadline)) = (status.token_issued_at, status.token_expires_at, status.deadline) {
+        at.extend(children::next_rotation(iat, exp, deadline, &run.uid().unwrap_or_default(), status.rotations + 1));
     }
     at.extend(status.deadline);
     at.extend(next_grant_change(run, ctx, now));
