@@ -68,7 +68,7 @@ where
             let params = PostParams { field_manager: Some(MANAGER.to_string()), ..Default::default() };
             match api.create(&params, obj).await {
                 Ok(_) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 => match look(api, &name, None, run).await? {
+                Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => match look(api, &name, None, run).await? {
                     Found::Ours { uid } => uid,
                     Found::Foreign { leaving } => return Err(taken::<K>(&name, leaving)),
                     // Deleted again since: the next reconcile creates it.
