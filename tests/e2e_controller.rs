@@ -248,7 +248,10 @@ async fn write_conflicts_are_retried_not_lost() {
             let fault = support::kube_backend::refuse_operator_writes(&env).await;
             env.apply_example("gdpr-compliance.yaml").await;
             let refused = wait_until(T, || async {
-                env.operator_requests().await.get("secrets").and_then(|v| v.get("patch")).copied().unwrap_or(0) >= 3
+                // The Secret is created (a create, as every child first is), then written at its uid.
+                let requests = env.operator_requests().await;
+                let count = |verb: &str| requests.get("secrets").and_then(|v| v.get(verb)).copied().unwrap_or(0);
+                count("create") + count("patch") >= 3
             })
             .await;
             assert!(refused, "the operator retried its refused Secret write: {:?}", env.operator_requests().await);
