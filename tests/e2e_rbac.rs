@@ -39,8 +39,8 @@ const UNUSED_BUT_NEEDED: [(&str, &str, &str); 7] = [
     ),
     ("secrets", "update", "signing-key rotation (every 720h by default)"),
     ("leases", "update", "kube-lease-manager may replace a lease it recovers"),
-    ("pods", "create", "server-side apply that creates an object; granted in case the API server checks create"),
-    ("serviceaccounts", "create", "as for pods"),
+    ("secrets", "patch", "the run token's rotation: a server-side apply at the Secret's uid (none in this short test)"),
+    ("serviceaccounts", "patch", "a server-side apply at the uid when a create finds the run's own (a cache behind)"),
     ("pods", "get", "a read on a cache miss right after the pod was created"),
     ("serviceaccounts", "get", "a read on a cache miss"),
 ];
