@@ -213,6 +213,9 @@ async fn a_killed_operator_leaks_nothing_and_reactivates_nothing() {
     })
     .await;
     assert!(ok, "nothing leaked:\n{}", env.operator_log());
+    // D5: the deletion of an active run is one audit line, however often its cleanup runs.
+    let deleted = env.audit().iter().filter(|l| l["reason"] == "RunDeleted" && l["run"] == "optimise-routes-7").count();
+    assert_eq!(deleted, 1, "RunDeleted audit lines:\n{}", env.operator_log());
     // The surviving run was not re-minted by the new process.
     let planner = env.runs().get("supply-chain-planner-7").await.unwrap();
     assert_eq!(planner.status.unwrap().rotations, 0);

@@ -811,7 +811,9 @@ async fn name_taken(run: &AgentRun, ctx: &Context, taken: Taken) -> Result<Actio
 /// finalizer go (the garbage collector removes the rest by owner reference).
 async fn cleanup(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     let status = run.status.clone().unwrap_or_default();
-    if status.phase.is_some_and(RunPhase::is_active) {
+    let uid = run.uid().unwrap_or_default();
+    // A second cleanup (the finalizer's removal not yet in the cache) records nothing again.
+    if status.phase.is_some_and(RunPhase::is_active) && !ctx.cache_is_behind(&uid, run.status.as_ref()) {
         let ns = run.namespace().unwrap_or_default();
         let name = run.name_any();
         let actors = chain_of(&status);
@@ -825,6 +827,10 @@ async fn cleanup(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
         .emit();
         ctx.metrics.run_ended("RunDeleted");
         ctx.touch_status_of(run);
+        // Remembered as ended (nothing is written: the run is going away).
+        let ended =
+            AgentRunStatus { phase: Some(RunPhase::Revoked), revoked_at: Some(Timestamp::now()), ..status.clone() };
+        ctx.wrote(&uid, &ended);
     }
     remove_credentials(run, ctx, true).await?;
     Ok(Action::await_change())
