@@ -239,7 +239,7 @@ async fn write_conflicts_are_retried_not_lost() {
             assert!(env.run_token("gdpr-check-q4").await.is_some());
             let stats = api.stats();
             // The Secret is created (POST), and later written at its uid (PATCH).
-            let writes = stats.count("secrets", "POST") + stats.count("secrets", "PATCH");
+            let writes = stats.count("secrets", "CREATE") + stats.count("secrets", "PATCH");
             assert!(writes >= 3, "the Secret write was retried: {stats:?}");
             assert!(env.operator_log().contains("conflict"), "the conflicts were seen and retried");
         }
