@@ -25,7 +25,7 @@ use axum::body::Body;
 use axum::http::{Request, header};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use deputy::authorization::{Input, Policy, authorize};
-use deputy::controller::PodPhase;
+use deputy::runs::PodPhase;
 use deputy::metrics::Metrics;
 use deputy::registration::Registrations;
 use deputy::resources::{Agent, AgentRun, DelegationGrant, ResourceServer};

@@ -6,6 +6,8 @@
 //! - [`scope`], [`duration`]: the small grammars users write in those resources;
 //! - [`registration`]: which audiences the ResourceServers register for a namespace;
 //! - [`authorization`]: the pure decision engine (run ∩ agent ∩ resource server ∩ grants ∩ parent);
+//! - [`runs`]: what the controller and the token endpoint both know of a run (child names,
+//!   ownership by uid, the pod's end, the one liveness rule) and the pod contract;
 //! - [`tokens`]: claims, signing keys, minting and verification of JWTs;
 //! - [`cli`]: the `deputy` command line.
 
@@ -18,6 +20,7 @@ pub mod http_client;
 pub mod metrics;
 pub mod registration;
 pub mod resources;
+pub mod runs;
 pub mod scope;
 pub mod server;
 pub mod signing;

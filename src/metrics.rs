@@ -10,6 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::authorization::Reason;
+use crate::runs::End;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
@@ -101,6 +104,10 @@ impl Metrics {
             "Introspection requests by result (active, inactive, unauthorized)",
             m.introspections.clone(),
         );
+        // Every end reason is exported from the start (at 0): the label set is `End::ALL`.
+        for why in End::ALL {
+            let _ = m.runs_ended.get_or_create(&ReasonLabel { reason: why.as_str().into() });
+        }
         Metrics { registry, ..m }
     }
 
@@ -112,11 +119,11 @@ impl Metrics {
     pub fn run_authorized(&self) {
         self.runs_authorized.inc();
     }
-    pub fn run_denied(&self, reason: &'static str) {
-        self.runs_denied.get_or_create(&ReasonLabel { reason: reason.into() }).inc();
+    pub fn run_denied(&self, reason: Reason) {
+        self.runs_denied.get_or_create(&ReasonLabel { reason: reason.as_str().into() }).inc();
     }
-    pub fn run_ended(&self, reason: &str) {
-        self.runs_ended.get_or_create(&ReasonLabel { reason: bounded_reason(reason).into() }).inc();
+    pub fn run_ended(&self, why: End) {
+        self.runs_ended.get_or_create(&ReasonLabel { reason: why.as_str().into() }).inc();
     }
     pub fn token_minted(&self, kind: &'static str) {
         self.tokens_minted.get_or_create(&KindLabel { kind: kind.into() }).inc();
@@ -142,48 +149,21 @@ impl Metrics {
     }
 }
 
-/// Revocation reasons are a known set; anything else is counted as "Other".
-fn bounded_reason(reason: &str) -> &'static str {
-    const KNOWN: [&str; 23] = [
-        "PodSucceeded",
-        "PodFailed",
-        "PodDeleted",
-        "DeadlineExceeded",
-        "RunDeleted",
-        "AgentDeleted",
-        "GrantDeleted",
-        "GrantExpired",
-        "GrantNotYetValid",
-        "ParentEnded",
-        "AuthorityReduced",
-        "DeniedByGrant",
-        "InvalidDenyGrant",
-        "SelfRevoked",
-        "InvalidSpec",
-        "InvalidAgent",
-        "NoScopesGranted",
-        "NoAudienceGranted",
-        "AudienceNotRegistered",
-        "ReservedNamespace",
-        "ParentPrincipalMismatch",
-        "DelegationDepthExceeded",
-        "ChildConflict",
-    ];
-    KNOWN.iter().find(|k| **k == reason).copied().unwrap_or("Other")
-}
-
 #[cfg(test)]
 mod tests {
+    use super::End;
+
     #[test]
     fn exposition_has_bounded_labels() {
         let m = super::Metrics::new();
-        m.run_ended("GrantDeleted");
-        m.run_ended("some message a user wrote");
+        m.run_ended(End::GrantDeleted);
         m.exchange("ok", std::time::Duration::from_millis(1));
         let text = m.encode();
         assert!(text.contains("deputy_runs_ended_total{reason=\"GrantDeleted\"} 1"), "{text}");
-        assert!(text.contains("reason=\"Other\""));
-        assert!(!text.contains("a user wrote"));
+        for why in End::ALL.iter().filter(|w| **w != End::GrantDeleted) {
+            let line = format!("deputy_runs_ended_total{{reason=\"{}\"}} 0", why.as_str());
+            assert!(text.contains(&line), "{line} in {text}");
+        }
         assert!(text.contains("deputy_token_exchange_duration_seconds_bucket"));
     }
 }

@@ -485,7 +485,7 @@ async fn a_pod_whose_label_is_removed_is_labelled_again_and_its_end_seen() {
     env.set_pod_phase("deputy-run-gdpr-check-q4", "Running").await;
     env.wait_phase("gdpr-check-q4", "Running", T).await;
     let pods: kube::Api<Pod> = env.api();
-    let key = deputy::controller::children::MANAGED_BY.0;
+    let key = deputy::runs::MANAGED_BY.0;
     let patch = json!({"metadata": {"labels": {key: null}}});
     pods.patch("deputy-run-gdpr-check-q4", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
         .await

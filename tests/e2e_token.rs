@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use support::{Env, exchange_form, wait_until};
 
 const T: Duration = Duration::from_secs(20);
-use deputy::server::{GRANT_TYPE_EXCHANGE as EXCHANGE, TOKEN_TYPE_ACCESS as ACCESS, TOKEN_TYPE_JWT as JWT};
+use deputy::runs::contract::{GRANT_TYPE_EXCHANGE as EXCHANGE, TOKEN_TYPE_ACCESS as ACCESS, TOKEN_TYPE_JWT as JWT};
 
 /// An active GDPR run with its pod running; returns (run token, actor token).
 async fn active_run(env: &Env, run: &str) -> (String, String) {

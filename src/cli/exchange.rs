@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::controller::children::{ACTOR_TOKEN_PATH, MOUNT_PATH, RUN_JSON_KEY, TOKEN_KEY};
-use crate::server::{GRANT_TYPE_EXCHANGE, TOKEN_TYPE_JWT};
+use crate::runs::contract::{
+    ACTOR_TOKEN_PATH, ENV_ACTOR_TOKEN_FILE, ENV_TOKEN_ENDPOINT, ENV_TOKEN_FILE, GRANT_TYPE_EXCHANGE, MOUNT_PATH,
+    RUN_JSON_KEY, TOKEN_KEY, TOKEN_TYPE_JWT,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct ExchangeArgs {
@@ -17,13 +19,13 @@ pub struct ExchangeArgs {
     #[arg(long)]
     pub scope: Vec<String>,
     /// The run token. Default: $DEPUTY_TOKEN_FILE, else /var/run/secrets/deputy.dev/token.
-    #[arg(long, env = "DEPUTY_TOKEN_FILE")]
+    #[arg(long, env = ENV_TOKEN_FILE)]
     pub token_file: Option<String>,
     /// The pod's actor token. Default: $DEPUTY_ACTOR_TOKEN_FILE, else …/actor-token.
-    #[arg(long, env = "DEPUTY_ACTOR_TOKEN_FILE")]
+    #[arg(long, env = ENV_ACTOR_TOKEN_FILE)]
     pub actor_token_file: Option<String>,
     /// The token endpoint. Default: $DEPUTY_TOKEN_ENDPOINT, else `tokenEndpoint` of run.json.
-    #[arg(long, env = "DEPUTY_TOKEN_ENDPOINT")]
+    #[arg(long, env = ENV_TOKEN_ENDPOINT)]
     pub endpoint: Option<String>,
     /// Print the whole JSON response instead of only the access token.
     #[arg(long)]

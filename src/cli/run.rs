@@ -26,7 +26,7 @@ pub struct RunArgs {
     #[arg(long, env = "DEPUTY_ISSUER", default_value = "https://deputy.deputy-system.svc")]
     pub issuer: String,
     /// The token endpoint URL given to agent pods. Default: `<issuer>/token`.
-    #[arg(long, env = "DEPUTY_TOKEN_ENDPOINT")]
+    #[arg(long, env = crate::runs::contract::ENV_TOKEN_ENDPOINT)]
     pub token_endpoint: Option<String>,
     /// The SPIFFE trust domain of run identities.
     #[arg(long, env = "DEPUTY_TRUST_DOMAIN", default_value = "cluster.local")]
@@ -199,7 +199,7 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
             loop {
                 tokio::select! { _ = tick.tick() => {}, _ = stop.wait_for(|s| *s) => return }
-                let n = runs.state().iter().filter(|r| server::is_active(r)).count();
+                let n = runs.state().iter().filter(|r| crate::runs::is_active(r)).count();
                 metrics.active_runs.set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         });

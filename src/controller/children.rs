@@ -14,28 +14,15 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::Resource;
 use kube::api::ObjectMeta;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::authorization::Authorization;
-use crate::resources::{Agent, AgentRun, RunPhase};
-
-/// Where the projected volume is mounted in every container.
-pub const MOUNT_PATH: &str = "/var/run/secrets/deputy.dev";
-/// The name of the projected volume (reserved in templates).
-pub const VOLUME_NAME: &str = "deputy-token";
-/// Data keys of the run Secret, which are also the file names in the volume.
-pub const TOKEN_KEY: &str = "token";
-pub const RUN_JSON_KEY: &str = "run.json";
-pub const ACTOR_TOKEN_PATH: &str = "actor-token";
-/// Lifetime of the bound service-account token that authenticates the pod (the kubelet
-/// refreshes it).
-pub const ACTOR_TOKEN_SECONDS: i64 = 600;
-/// The Secret type of run-token Secrets.
-pub const SECRET_TYPE: &str = "deputy.dev/run-token";
-/// The label every child carries, for selecting them.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "deputy");
-pub const RUN_LABEL: &str = "deputy.dev/run";
-pub const AGENT_LABEL: &str = "deputy.dev/agent";
+use crate::resources::{Agent, AgentRun};
+use crate::runs::contract::{
+    ACTOR_TOKEN_PATH, ACTOR_TOKEN_SECONDS, ENV_ACTOR_TOKEN_FILE, ENV_RUN_FILE, ENV_TOKEN_ENDPOINT, ENV_TOKEN_FILE,
+    MOUNT_PATH, RUN_JSON_KEY, SECRET_TYPE, TOKEN_KEY, VOLUME_NAME, file,
+};
+use crate::runs::{AGENT_LABEL, MANAGED_BY, RUN_LABEL, child_name, label_value};
 
 /// Operator settings the children depend on.
 #[derive(Clone, Debug)]
@@ -50,128 +37,6 @@ pub struct ChildConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct TemplateError(pub String);
-
-fn short_hash(s: &str) -> String {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
-    d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `prefix + name`, shortened with a hash suffix when it would exceed `max` characters.
-fn bounded(prefix: &str, name: &str, max: usize) -> String {
-    let full = format!("{prefix}{name}");
-    if full.len() <= max {
-        return full;
-    }
-    let keep = max - 9;
-    let cut: String = full.chars().take(keep).collect();
-    format!("{}-{}", cut.trim_end_matches(['-', '.']), short_hash(&full))
-}
-
-/// The name of a run's ServiceAccount, Secret and Pod: `deputy-run-<run>`.
-pub fn child_name(run_name: &str) -> String {
-    bounded("deputy-run-", run_name, 253)
-}
-
-/// The part of a run's Pod that Deputy reads back: its metadata and phase. The pod cache holds
-/// these rather than `Pod`, whose in-memory size is about 2.4 KB before any field is set
-/// (`PodSpec` alone is 1.5 KB inline); with thousands of runs that is most of the cache.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-pub struct PodPhase {
-    pub metadata: ObjectMeta,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<PodPhaseStatus>,
-}
-
-/// `status.phase` of a Pod.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-pub struct PodPhaseStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
-}
-
-impl Resource for PodPhase {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
-        "Pod".into()
-    }
-    fn group(_: &()) -> std::borrow::Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> std::borrow::Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
-        "pods".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-impl PodPhase {
-    pub fn phase(&self) -> Option<&str> {
-        self.status.as_ref().and_then(|s| s.phase.as_deref())
-    }
-}
-
-/// How a run ends when its pod is deleted (or gone while the run was running).
-pub const POD_DELETED: (RunPhase, &str, &str) = (RunPhase::Failed, "PodDeleted", "the run's pod was deleted");
-
-/// How a run's pod ended, if it has: the run's final phase, a reason and a message. A pod
-/// being deleted counts as failed.
-pub fn pod_end(pod: &PodPhase) -> Option<(RunPhase, &'static str, &'static str)> {
-    match pod.phase() {
-        Some("Succeeded") => Some((RunPhase::Succeeded, "PodSucceeded", "the run's pod completed")),
-        Some("Failed") => Some((RunPhase::Failed, "PodFailed", "the run's pod failed")),
-        _ if pod.metadata.deletion_timestamp.is_some() => Some(POD_DELETED),
-        _ => None,
-    }
-}
-
-/// Whose an object found under a child's name (`deputy-run-<run>`) is. Names are
-/// predictable, so anyone who can create Secrets, ServiceAccounts or Pods in the namespace can
-/// take one first: Deputy writes to, deletes and trusts only objects whose controller owner
-/// reference names the run's uid.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Found {
-    /// Nothing has the name: the child is created (a create, which fails if the name is taken).
-    Absent,
-    /// The run's own; `uid` is the object's, a precondition on every write and delete.
-    Ours { uid: String },
-    /// Someone else's (a tenant's, or a child of an earlier run of the same name). `leaving`:
-    /// it is being deleted, so the name will be free soon.
-    Foreign { leaving: bool },
-}
-
-/// Whose the object with `meta` is, for `run` (`None`: there is no such object).
-pub fn found(meta: Option<&ObjectMeta>, run: &AgentRun) -> Found {
-    let Some(meta) = meta else { return Found::Absent };
-    let run_uid = run.metadata.uid.as_deref().filter(|u| !u.is_empty());
-    let controlled = meta
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == run_uid && o.kind == AgentRun::kind(&()));
-    match meta.uid.as_deref().filter(|u| !u.is_empty()) {
-        Some(uid) if controlled => Found::Ours { uid: uid.to_string() },
-        _ => Found::Foreign { leaving: meta.deletion_timestamp.is_some() },
-    }
-}
-
-/// Whether the object with `meta` is the run's own child.
-pub fn owned_by(meta: &ObjectMeta, run: &AgentRun) -> bool {
-    matches!(found(Some(meta), run), Found::Ours { .. })
-}
-
-/// A label value (at most 63 characters) naming `name`.
-pub fn label_value(name: &str) -> String {
-    bounded("", name, 63)
-}
 
 /// The labels of every child of `run`.
 pub fn labels(run: &AgentRun) -> BTreeMap<String, String> {
@@ -250,10 +115,10 @@ pub fn desired_secret(run: &AgentRun, token: &str, info: &RunInfo<'_>) -> Result
 pub fn env(cfg: &ChildConfig) -> Vec<EnvVar> {
     let var = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), value_from: None };
     vec![
-        var("DEPUTY_TOKEN_FILE", format!("{MOUNT_PATH}/{TOKEN_KEY}")),
-        var("DEPUTY_ACTOR_TOKEN_FILE", format!("{MOUNT_PATH}/{ACTOR_TOKEN_PATH}")),
-        var("DEPUTY_RUN_FILE", format!("{MOUNT_PATH}/{RUN_JSON_KEY}")),
-        var("DEPUTY_TOKEN_ENDPOINT", cfg.token_endpoint.clone()),
+        var(ENV_TOKEN_FILE, file(TOKEN_KEY)),
+        var(ENV_ACTOR_TOKEN_FILE, file(ACTOR_TOKEN_PATH)),
+        var(ENV_RUN_FILE, file(RUN_JSON_KEY)),
+        var(ENV_TOKEN_ENDPOINT, cfg.token_endpoint.clone()),
     ]
 }
 

@@ -105,18 +105,6 @@ fn every_run_name_deputy_accepts_names_its_children_unshortened() {
 }
 
 #[test]
-fn names_are_deterministic_and_bounded() {
-    assert_eq!(child_name("gdpr-check-q4"), "deputy-run-gdpr-check-q4");
-    let long = "a".repeat(253);
-    let n = child_name(&long);
-    assert!(n.len() <= 253);
-    assert_eq!(n, child_name(&long), "deterministic");
-    assert_ne!(child_name(&format!("{long}x")[1..]), n, "different runs, different names");
-    assert!(label_value(&"b".repeat(100)).len() <= 63);
-    assert_eq!(label_value("short"), "short");
-}
-
-#[test]
 fn service_account_has_no_api_token_unless_the_agent_says_so() {
     let r = run();
     let sa = desired_service_account(&r, &agent(false), &auth());
@@ -282,84 +270,6 @@ fn a_run_is_reminted_about_every_half_ttl_and_its_last_token_lives_until_the_dea
     let (iat, deadline) = (now(), now() + SignedDuration::from_secs(20));
     assert_eq!(next_rotation(iat, deadline, deadline, "u", 3), None);
     assert!(next_rotation(iat, deadline - SignedDuration::from_secs(1), deadline, "u", 3).is_some());
-}
-
-fn pod(phase: &str, deleting: bool, owner_uid: &str) -> PodPhase {
-    serde_json::from_value(json!({
-        "metadata": {
-            "name": "deputy-run-gdpr-check-q4",
-            "namespace": "marketing",
-            "uid": "pod-1",
-            "deletionTimestamp": deleting.then_some("2026-11-23T12:00:00Z"),
-            "ownerReferences": [{"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
-                                 "name": "gdpr-check-q4", "uid": owner_uid, "controller": true}],
-        },
-        "status": {"phase": phase},
-    }))
-    .unwrap()
-}
-
-#[test]
-fn pod_end_maps_phase_and_deletion_to_the_run_outcome() {
-    let cases = [
-        ("Pending", false, None),
-        ("Running", false, None),
-        ("Unknown", false, None),
-        ("Succeeded", false, Some((RunPhase::Succeeded, "PodSucceeded"))),
-        ("Failed", false, Some((RunPhase::Failed, "PodFailed"))),
-        // A finished pod that is also being deleted keeps its own outcome.
-        ("Succeeded", true, Some((RunPhase::Succeeded, "PodSucceeded"))),
-        ("Running", true, Some((RunPhase::Failed, "PodDeleted"))),
-    ];
-    for (phase, deleting, want) in cases {
-        let got = pod_end(&pod(phase, deleting, "uid-1")).map(|(p, r, _)| (p, r));
-        assert_eq!(got, want, "{phase} deleting={deleting}");
-    }
-}
-
-#[test]
-fn only_an_object_the_run_controls_by_uid_is_ours() {
-    let r = run();
-    let meta = |uid: Option<&str>, deleting: bool, owner: serde_json::Value| -> ObjectMeta {
-        serde_json::from_value(json!({
-            "name": "deputy-run-gdpr-check-q4",
-            "uid": uid,
-            "deletionTimestamp": deleting.then_some("2026-11-23T12:00:00Z"),
-            "ownerReferences": owner,
-        }))
-        .unwrap()
-    };
-    let owner = |kind: &str, uid: &str, controller: Option<bool>| {
-        json!([{"apiVersion": "deputy.dev/v1alpha1", "kind": kind, "name": "gdpr-check-q4", "uid": uid,
-                "controller": controller}])
-    };
-    let ours = || Found::Ours { uid: "obj-1".into() };
-    let foreign = |leaving| Found::Foreign { leaving };
-    let cases = [
-        ("the run's controller reference", meta(Some("obj-1"), false, owner("AgentRun", "uid-1", Some(true))), ours()),
-        ("ours and being deleted", meta(Some("obj-1"), true, owner("AgentRun", "uid-1", Some(true))), ours()),
-        // A tenant's object, made before the run (no owner at all).
-        ("no owner", meta(Some("obj-1"), false, json!(null)), foreign(false)),
-        // A child of an earlier run of the same name: the name matches, the uid does not.
-        ("an earlier run's", meta(Some("obj-1"), false, owner("AgentRun", "uid-0", Some(true))), foreign(false)),
-        ("an earlier run's, leaving", meta(Some("obj-1"), true, owner("AgentRun", "uid-0", Some(true))), foreign(true)),
-        // Naming the run as a mere owner (anyone can add that reference) does not make it ours.
-        ("a non-controller reference", meta(Some("obj-1"), false, owner("AgentRun", "uid-1", None)), foreign(false)),
-        ("controller: false", meta(Some("obj-1"), false, owner("AgentRun", "uid-1", Some(false))), foreign(false)),
-        ("another kind with the uid", meta(Some("obj-1"), false, owner("Agent", "uid-1", Some(true))), foreign(false)),
-        ("an object without a uid", meta(None, false, owner("AgentRun", "uid-1", Some(true))), foreign(false)),
-    ];
-    for (what, m, want) in cases {
-        assert_eq!(found(Some(&m), &r), want, "{what}");
-        assert_eq!(owned_by(&m, &r), matches!(want, Found::Ours { .. }), "{what}");
-    }
-    assert_eq!(found(None, &r), Found::Absent);
-    // A run without a uid (never from the API server) owns nothing.
-    let mut no_uid = r.clone();
-    no_uid.metadata.uid = None;
-    let m = meta(Some("obj-1"), false, owner("AgentRun", "", Some(true)));
-    assert_eq!(found(Some(&m), &no_uid), foreign(false));
-    assert!(owned_by(&pod("Running", false, "uid-1").metadata, &r));
 }
 
 #[test]

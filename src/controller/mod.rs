@@ -25,8 +25,9 @@ use crate::authorization::Policy;
 use crate::metrics::Metrics;
 use crate::registration::Registrations;
 use crate::resources::{Agent, AgentRun, DelegationGrant, ResourceServer};
+use crate::runs::PodPhase;
 use crate::signing::KeyStore;
-pub use children::{ChildConfig, PodPhase};
+pub use children::ChildConfig;
 
 /// The field manager of every server-side apply Deputy makes.
 pub const MANAGER: &str = "deputy";
@@ -207,7 +208,7 @@ pub struct Watches {
 
 /// The label selector of every object Deputy creates for a run.
 pub fn children_selector() -> String {
-    format!("{}={}", children::MANAGED_BY.0, children::MANAGED_BY.1)
+    format!("{}={}", crate::runs::MANAGED_BY.0, crate::runs::MANAGED_BY.1)
 }
 
 impl Watches {

@@ -14,9 +14,9 @@ use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, P
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::children::{self, Found};
 use super::{Error, MANAGER};
 use crate::resources::AgentRun;
+use crate::runs::{self, Found};
 
 /// A child's name is held by someone else's object.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -36,7 +36,7 @@ pub fn taken<K: Resource<DynamicType = ()>>(name: &str, leaving: bool) -> Error 
 /// What a cache's copy tells of a child without asking the API server: only that it is the
 /// run's own (the cache may be behind, and a foreign object is usually not in it at all).
 pub fn known(cached: Option<&ObjectMeta>, run: &AgentRun) -> Option<Found> {
-    cached.filter(|m| children::owned_by(m, run)).map(|m| children::found(Some(m), run))
+    cached.filter(|m| runs::owned_by(m, run)).map(|m| runs::found(Some(m), run))
 }
 
 /// Whose the object under `name` is. The cache's copy answers when it shows the run's own
@@ -46,11 +46,11 @@ pub async fn look<K>(api: &Api<K>, name: &str, cached: Option<&ObjectMeta>, run:
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
-    if let Some(meta) = cached.filter(|m| children::owned_by(m, run)) {
-        return Ok(children::found(Some(meta), run));
+    if let Some(meta) = cached.filter(|m| runs::owned_by(m, run)) {
+        return Ok(runs::found(Some(meta), run));
     }
     let meta = api.get_metadata_opt(name).await?;
-    Ok(children::found(meta.as_ref().map(|m| &m.metadata), run))
+    Ok(runs::found(meta.as_ref().map(|m| &m.metadata), run))
 }
 
 /// Writes `obj` as the run's child. `known` is what the caller already knows of the name

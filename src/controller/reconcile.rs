@@ -13,13 +13,14 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::children::{self, Found, PodPhase, RunInfo};
+use super::children::{self, RunInfo};
 use super::events::EventType;
 use super::owned::{self, Taken};
 use super::{Context, Error, FINALIZER, MANAGER, requeue};
 use crate::audit::{Action as AuditAction, Record};
 use crate::authorization::{self, Authorization, Decision, Input, Parent, Reason, Refusal};
 use crate::resources::{AgentRun, AgentRunStatus, Condition, DelegationGrant, RunPhase, set_condition};
+use crate::runs::{self, End, Found, PodPhase, contract};
 use crate::scope;
 use crate::tokens::{RunRef, RunTokenSpec};
 
@@ -150,8 +151,8 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
         remove_credentials(run, ctx, true).await?;
         let mut s = status.clone();
         s.phase = Some(RunPhase::Revoked);
-        s.reason = Some("StatusTampered".into());
-        s.message = Some("the status of this ended run was written back to a live phase".into());
+        s.reason = Some(End::StatusTampered.as_str().into());
+        s.message = Some(End::StatusTampered.message().into());
         write_status(run, ctx, s).await?;
         return Ok(Action::await_change());
     }
@@ -165,7 +166,9 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     if phase.is_terminal() {
         // Final. Make sure nothing it held survives (e.g. the operator died mid-revocation).
         if status.revoked_at.is_none() && phase != RunPhase::Denied {
-            remove_credentials(run, ctx, stop_pod(phase)).await?;
+            // The pod is kept only when the recorded reason says it ended by itself.
+            let stop = status.reason.as_deref().and_then(End::parse).is_none_or(End::stops_pod);
+            remove_credentials(run, ctx, stop).await?;
             let mut s = status.clone();
             s.revoked_at = Some(now);
             write_status(run, ctx, s).await?;
@@ -177,15 +180,15 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
 
-    if phase.is_active() && run.annotations().contains_key(crate::server::REVOKE_ANNOTATION) {
-        return end(run, ctx, RunPhase::Revoked, "SelfRevoked", "the run revoked its own tokens").await;
+    if phase.is_active() && run.annotations().contains_key(runs::REVOKE_ANNOTATION) {
+        return end(run, ctx, End::SelfRevoked, End::SelfRevoked.message()).await;
     }
     let decision = decide(run, ctx, now);
     if let Decision::Authorized(auth) = &decision
         && now >= auth.deadline
     {
         // The deadline is the decision's (from the run's creation), never the status's.
-        return end(run, ctx, RunPhase::Expired, "DeadlineExceeded", "the run reached its deadline").await;
+        return end(run, ctx, End::DeadlineExceeded, End::DeadlineExceeded.message()).await;
     }
 
     match (phase.is_active(), decision) {
@@ -198,10 +201,7 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
             settle_pending(run, ctx, decide_with(run, ctx, &fresh, now), now).await
         }
         (false, refused) => settle_pending(run, ctx, refused, now).await,
-        (true, Decision::Denied(refusal)) => {
-            let reason = revocation_reason(refusal.reason);
-            end(run, ctx, RunPhase::Revoked, reason, &refusal.message).await
-        }
+        (true, Decision::Denied(refusal)) => end(run, ctx, End::lost(refusal.reason), &refusal.message).await,
         (true, Decision::Authorized(auth)) => {
             // The status is a report anyone allowed to write it can change: it only hints that
             // authority shrank. What the run holds is what its current token (signed by us)
@@ -211,7 +211,7 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
                 && let Some(held) = held_by_token(run, ctx).await?
                 && let Some(why) = authority_reduced(&held, &auth)
             {
-                return end(run, ctx, RunPhase::Revoked, "AuthorityReduced", &why).await;
+                return end(run, ctx, End::AuthorityReduced, &why).await;
             }
             keep_active(run, ctx, status, &auth, now).await
         }
@@ -236,22 +236,6 @@ async fn settle_pending(run: &AgentRun, ctx: &Context, decision: Decision, now: 
     }
 }
 
-/// Whether to stop the pod when a run ends in `phase` (a finished pod is kept for its logs).
-fn stop_pod(phase: RunPhase) -> bool {
-    !matches!(phase, RunPhase::Succeeded | RunPhase::Failed | RunPhase::Denied)
-}
-
-/// The reason recorded when an active run loses its authority.
-fn revocation_reason(r: Reason) -> &'static str {
-    match r {
-        Reason::AgentNotFound | Reason::AgentDeleted => "AgentDeleted",
-        Reason::NoGrant => "GrantDeleted",
-        Reason::GrantExpired => "GrantExpired",
-        Reason::ParentNotFound | Reason::ParentNotActive | Reason::ParentPending => "ParentEnded",
-        other => other.as_str(),
-    }
-}
-
 /// The (audience, scopes) pairs a run holds.
 type Held = Vec<(String, Vec<scope::Scope>)>;
 
@@ -267,9 +251,8 @@ fn held_by_status(status: &AgentRunStatus) -> Held {
 /// (a token written there by anyone else does not).
 async fn held_by_token(run: &AgentRun, ctx: &Context) -> Result<Option<Held>, Error> {
     let ns = run.namespace().unwrap_or_default();
-    let secret =
-        Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&children::child_name(&run.name_any())).await?;
-    let token = secret.and_then(|s| s.data).and_then(|d| d.get(children::TOKEN_KEY).map(|b| b.0.clone()));
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&runs::child_name(&run.name_any())).await?;
+    let token = secret.and_then(|s| s.data).and_then(|d| d.get(contract::TOKEN_KEY).map(|b| b.0.clone()));
     let Some(token) = token.and_then(|t| String::from_utf8(t).ok()) else { return Ok(None) };
     let Ok(claims) = ctx.keys.get().verify_any_audience(&token) else { return Ok(None) };
     if claims.run.uid != run.uid().unwrap_or_default() {
@@ -389,7 +372,7 @@ async fn deny(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -
         ..Record::new(AuditAction::Denied, &run.spec.principal, &[], &ns, &name, &run.spec.agent)
     }
     .emit();
-    ctx.metrics.run_denied(refusal.reason.as_str());
+    ctx.metrics.run_denied(refusal.reason);
     publish(ctx, run, EventType::Warning, refusal.reason.as_str(), "Authorize", refusal.message).await;
     Ok(Action::await_change())
 }
@@ -444,8 +427,8 @@ async fn mint(
         principal: &run.spec.principal,
         scopes: granted_scopes,
         audiences: &auth.audiences,
-        token_file: format!("{}/{}", children::MOUNT_PATH, children::TOKEN_KEY),
-        actor_token_file: format!("{}/{}", children::MOUNT_PATH, children::ACTOR_TOKEN_PATH),
+        token_file: contract::file(contract::TOKEN_KEY),
+        actor_token_file: contract::file(contract::ACTOR_TOKEN_PATH),
         token_expires_at: expires,
         next_rotation_at: next.min(expires),
         deadline,
@@ -477,7 +460,7 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     auth.record_in(&mut status);
     // Each child is created (or, if the cache shows the run's own, written at its uid): a name
     // someone else took first fails the run (`name_taken`), and what was made is removed.
-    let child = children::child_name(&name);
+    let child = runs::child_name(&name);
     let sa_known = owned::known(
         ctx.stores.service_accounts.get(&ObjectRef::new(&child).within(&ns)).as_ref().map(|m| &m.metadata),
         run,
@@ -499,7 +482,7 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     Record { action: AuditAction::Minted, jti: Some(&jti), exp: Some(exp.as_second()), ..base.clone() }.emit();
 
     status.phase = Some(RunPhase::Authorized);
-    status.service_account = Some(children::child_name(&name));
+    status.service_account = Some(runs::child_name(&name));
     status.token_issued_at = Some(iat);
     status.token_expires_at = Some(exp);
     status.token_id = Some(jti.clone());
@@ -562,19 +545,18 @@ async fn keep_active(
     auth.record_in(&mut status);
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
-    let child = children::child_name(&name);
+    let child = runs::child_name(&name);
 
     // The pod: the cache's copy when it is the run's own, else the API server's (the cache
     // may lag our own create, and it follows the `managed-by` label only).
-    let mut pod =
-        ctx.stores.pods.get(&ObjectRef::new(&child).within(&ns)).filter(|p| children::owned_by(&p.metadata, run));
+    let mut pod = ctx.stores.pods.get(&ObjectRef::new(&child).within(&ns)).filter(|p| runs::owned_by(&p.metadata, run));
     if pod.is_none() {
         pod = Api::<PodPhase>::namespaced(ctx.client.clone(), &ns).get_opt(&child).await?.map(Arc::new);
     }
-    match children::found(pod.as_deref().map(|p| &p.metadata), run) {
+    match runs::found(pod.as_deref().map(|p| &p.metadata), run) {
         Found::Foreign { leaving } => return Err(owned::taken::<Pod>(&child, leaving)),
         Found::Ours { uid } => {
-            let (key, value) = children::MANAGED_BY;
+            let (key, value) = runs::MANAGED_BY;
             let labels = pod.as_deref().and_then(|p| p.metadata.labels.as_ref());
             if labels.and_then(|l| l.get(key)).map(String::as_str) != Some(value) {
                 // Without the label the cache would not follow the pod, and its end would go unseen.
@@ -596,13 +578,12 @@ async fn keep_active(
         }
         Found::Absent => {}
     }
-    if let Some((phase, reason, message)) = pod.as_deref().and_then(children::pod_end) {
-        return end(run, ctx, phase, reason, message).await;
+    if let Some(ended) = pod.as_deref().and_then(runs::pod_end) {
+        return end(run, ctx, ended, ended.message()).await;
     }
     match pod.as_ref() {
         None if status.phase == Some(RunPhase::Running) => {
-            let (phase, reason, message) = children::POD_DELETED;
-            return end(run, ctx, phase, reason, message).await;
+            return end(run, ctx, End::PodDeleted, End::PodDeleted.message()).await;
         }
         None => {
             // Authorized but the pod is missing (e.g. the operator stopped before creating it).
@@ -695,17 +676,18 @@ async fn keep_active(
 
 /// Ends a run: terminal status first (so every replica's token endpoint refuses its tokens at
 /// once), then its credentials are deleted, then `revokedAt` records that they are gone.
-async fn end(run: &AgentRun, ctx: &Context, phase: RunPhase, reason: &str, message: &str) -> Result<Action, Error> {
+async fn end(run: &AgentRun, ctx: &Context, why: End, message: &str) -> Result<Action, Error> {
     let now = now();
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let mut status = run.status.clone().unwrap_or_default();
     let was_active = status.phase.is_some_and(RunPhase::is_active);
+    let (phase, reason) = (why.phase(), why.as_str());
     status.phase = Some(phase);
     status.reason = Some(reason.into());
     status.message = Some(message.into());
     status.completed_at = Some(now);
-    let revoked = matches!(phase, RunPhase::Revoked | RunPhase::Expired);
+    let revoked = why.is_revocation();
     set_condition(
         &mut status.conditions,
         Condition::new(COND_REVOKED, true, reason, message, now, run.metadata.generation),
@@ -739,7 +721,7 @@ async fn end(run: &AgentRun, ctx: &Context, phase: RunPhase, reason: &str, messa
         ..Record::new(AuditAction::Revoked, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
     }
     .emit();
-    ctx.metrics.run_ended(reason);
+    ctx.metrics.run_ended(why);
     publish(
         ctx,
         run,
@@ -750,7 +732,7 @@ async fn end(run: &AgentRun, ctx: &Context, phase: RunPhase, reason: &str, messa
     )
     .await;
 
-    remove_credentials(run, ctx, stop_pod(phase)).await?;
+    remove_credentials(run, ctx, why.stops_pod()).await?;
     status.revoked_at = Some(Timestamp::now());
     let updated = AgentRun { status: Some(status.clone()), ..run.clone() };
     // Not write_status: it compares with the cached status, which still lacks revokedAt.
@@ -766,7 +748,7 @@ async fn end(run: &AgentRun, ctx: &Context, phase: RunPhase, reason: &str, messa
 /// its pod. Missing objects are fine.
 async fn remove_credentials(run: &AgentRun, ctx: &Context, pod_too: bool) -> Result<(), Error> {
     let ns = run.namespace().unwrap_or_default();
-    let child = children::child_name(&run.name_any());
+    let child = runs::child_name(&run.name_any());
     let cached = ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns));
     let api = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
     owned::remove(&api, &child, cached.as_ref().map(|m| &m.metadata), run).await?;
@@ -804,7 +786,7 @@ async fn name_taken(run: &AgentRun, ctx: &Context, taken: Taken) -> Result<Actio
     }
     tracing::warn!(namespace = %ns, run = %run.name_any(), %taken, "a child's name is taken by an object the run does not own");
     let message = format!("{taken}: Deputy does not adopt, change or delete it, and the run cannot go on without it");
-    end(run, ctx, RunPhase::Failed, "ChildConflict", &message).await
+    end(run, ctx, End::ChildConflict, &message).await
 }
 
 /// The run is being deleted: revoke it if it was live, remove its credentials, and let the
@@ -821,11 +803,11 @@ async fn cleanup(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
             scopes: &status.granted_scopes,
             audiences: &status.granted_audiences,
             jti: status.token_id.as_deref(),
-            reason: Some("RunDeleted"),
+            reason: Some(End::RunDeleted.as_str()),
             ..Record::new(AuditAction::Revoked, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
         }
         .emit();
-        ctx.metrics.run_ended("RunDeleted");
+        ctx.metrics.run_ended(End::RunDeleted);
         ctx.touch_status_of(run);
         // Remembered as ended (nothing is written: the run is going away).
         let ended =

@@ -25,10 +25,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::audit::{Action as AuditAction, Record};
-use crate::controller::children::{self, PodPhase};
 use crate::metrics::Metrics;
 use crate::registration::Registrations;
 use crate::resources::{AgentRun, ResourceServer};
+use crate::runs::contract::{GRANT_TYPE_EXCHANGE, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT};
+use crate::runs::{self, PodPhase, REVOKE_ANNOTATION, is_live, run_of};
 use crate::scope::{self, Scope};
 use crate::signing::KeyStore;
 use crate::tokens::{Audience, Claims};
@@ -39,14 +40,6 @@ use review::{ReviewError, Reviewer};
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// The longest lifetime of an exchanged token.
 pub const MAX_EXCHANGED_TTL_SECS: i64 = 300;
-/// The annotation the token endpoint sets when a run revokes itself; the controller ends the
-/// run, and every replica treats the run as inactive from the moment it sees it.
-pub const REVOKE_ANNOTATION: &str = "deputy.dev/revoke-requested";
-
-pub const GRANT_TYPE_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
-pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
-
 /// Everything the handlers share.
 pub struct EndpointState {
     pub keys: Arc<KeyStore>,
@@ -149,33 +142,6 @@ async fn jwks(State(s): State<Arc<EndpointState>>) -> Response {
 
 fn content_type(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
-}
-
-/// Whether the run a token names is active right now, per this replica's cache.
-pub fn run_of(runs: &Store<AgentRun>, claims: &Claims) -> Option<Arc<AgentRun>> {
-    let run = runs.get(&ObjectRef::new(&claims.run.name).within(&claims.run.namespace))?;
-    (run.metadata.uid.as_deref() == Some(claims.run.uid.as_str())).then_some(run)
-}
-
-/// Whether the run may use its tokens now: its status says it is active, and its pod (when the
-/// cache holds it) has not ended. Looking at the pod too means every replica refuses a finished
-/// run's tokens as soon as the pod's phase reaches it, without waiting for the controller to
-/// end the run (which, with thousands of pods ending at once, can take seconds).
-pub fn is_live(pods: &Store<PodPhase>, run: &AgentRun) -> bool {
-    is_active(run) && !pod_has_ended(pods, run)
-}
-
-fn pod_has_ended(pods: &Store<PodPhase>, run: &AgentRun) -> bool {
-    let name = children::child_name(&run.name_any());
-    let pod = pods.get(&ObjectRef::new(&name).within(&run.namespace().unwrap_or_default()));
-    pod.is_some_and(|p| children::owned_by(&p.metadata, run) && children::pod_end(&p).is_some())
-}
-
-/// Whether the run's status says it is active (not yet ended, not revoked, not deleted).
-pub fn is_active(run: &AgentRun) -> bool {
-    // `completedAt` or `revokedAt` makes a run dead whatever its phase says: a status written
-    // back to a live phase does not bring its tokens back.
-    crate::authorization::is_live_record(run) && !run.annotations().contains_key(REVOKE_ANNOTATION)
 }
 
 use kube::ResourceExt;
@@ -442,7 +408,7 @@ async fn authenticate_actor(s: &EndpointState, actor_token: &str, run: &AgentRun
         .await
         .map_err(|e| review_failure("actor_token", e))?;
     let ns = run.namespace().unwrap_or_default();
-    let child = children::child_name(&run.name_any());
+    let child = runs::child_name(&run.name_any());
     let expected = format!("system:serviceaccount:{ns}:{child}");
     let live_uid = live_pod_uid(s, run, &ns, &child).await?;
     match review::actor_refusal(&reviewed, &expected, &child, live_uid.as_deref()) {
@@ -454,7 +420,7 @@ async fn authenticate_actor(s: &EndpointState, actor_token: &str, run: &AgentRun
 /// The uid of the run's pod as it exists now: from the cache, or (when the cache has not seen
 /// it yet) from the API server. A pod of another owner under the same name does not count.
 async fn live_pod_uid(s: &EndpointState, run: &AgentRun, ns: &str, child: &str) -> Result<Option<String>, OAuthError> {
-    let owned = |p: &PodPhase| children::owned_by(&p.metadata, run).then(|| p.metadata.uid.clone()).flatten();
+    let owned = |p: &PodPhase| runs::owned_by(&p.metadata, run).then(|| p.metadata.uid.clone()).flatten();
     if let Some(p) = s.pods.get(&ObjectRef::new(child).within(ns)) {
         return Ok(owned(&p));
     }
@@ -567,73 +533,5 @@ async fn revoke(
         Err(e) => OAuthError::new(ErrorCode::InvalidRequest, format!("could not revoke: {e}"))
             .with_status(StatusCode::SERVICE_UNAVAILABLE)
             .into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kube::runtime::watcher;
-    use serde_json::json;
-
-    fn run(phase: &str) -> AgentRun {
-        serde_json::from_value(json!({
-            "apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
-            "metadata": {"name": "r1", "namespace": "ns", "uid": "uid-1"},
-            "spec": {"agent": "a", "principal": "alice@example.com", "task": "t", "scopes": ["x:y"],
-                     "audiences": ["svc"], "maxDuration": "1h"},
-            "status": {"phase": phase},
-        }))
-        .unwrap()
-    }
-
-    fn pods(phase: Option<&str>, owner_uid: &str) -> Store<PodPhase> {
-        let (store, mut writer) = kube::runtime::reflector::store::<PodPhase>();
-        if let Some(phase) = phase {
-            let pod: PodPhase = serde_json::from_value(json!({
-                "metadata": {"name": "deputy-run-r1", "namespace": "ns", "uid": "pod-1",
-                             "ownerReferences": [{"apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
-                                                  "name": "r1", "uid": owner_uid, "controller": true}]},
-                "status": {"phase": phase},
-            }))
-            .unwrap();
-            writer.apply_watcher_event(&watcher::Event::Apply(pod));
-        }
-        store
-    }
-
-    #[test]
-    fn a_run_is_live_until_its_status_or_its_own_pod_says_it_ended() {
-        let cases = [
-            ("Running", Some("Running"), "uid-1", true),
-            ("Authorized", None, "uid-1", true),
-            ("Authorized", Some("Pending"), "uid-1", true),
-            // The pod has ended but the controller has not yet ended the run: already inactive.
-            ("Running", Some("Succeeded"), "uid-1", false),
-            ("Running", Some("Failed"), "uid-1", false),
-            // A finished pod of an earlier run with the same name does not end this one.
-            ("Running", Some("Succeeded"), "uid-0", true),
-            ("Succeeded", Some("Succeeded"), "uid-1", false),
-            ("Denied", None, "uid-1", false),
-        ];
-        for (run_phase, pod_phase, owner, want) in cases {
-            assert_eq!(
-                is_live(&pods(pod_phase, owner), &run(run_phase)),
-                want,
-                "{run_phase} / {pod_phase:?} / {owner}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_status_written_back_to_a_live_phase_does_not_revive_a_run() {
-        for field in ["completedAt", "revokedAt"] {
-            let mut r = run("Authorized");
-            let mut status = serde_json::to_value(r.status.take()).unwrap();
-            status[field] = json!("2026-11-23T12:00:00Z");
-            r.status = serde_json::from_value(status).unwrap();
-            assert!(!is_active(&r), "{field} set: the run is dead whatever its phase");
-        }
-        assert!(is_active(&run("Running")));
     }
 }

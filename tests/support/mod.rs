@@ -541,7 +541,7 @@ impl Env {
 
 /// A valid token-exchange form for a GDPR example run (`examples/gdpr-compliance.yaml`).
 pub fn exchange_form<'a>(subject: &'a str, actor: &'a str) -> Vec<(&'a str, &'a str)> {
-    use deputy::server::{GRANT_TYPE_EXCHANGE, TOKEN_TYPE_JWT};
+    use deputy::runs::contract::{GRANT_TYPE_EXCHANGE, TOKEN_TYPE_JWT};
     vec![
         ("grant_type", GRANT_TYPE_EXCHANGE),
         ("subject_token", subject),
