@@ -105,6 +105,13 @@ async fn examples_become_active_runs_with_the_specified_children() {
     })
     .await;
     assert!(ok, "grant/agent status: {}", env.operator_log());
+
+    // The pod never lost its label: it was never relabelled (a pod read from the cache, which
+    // selects on that label, carries it; once, every reconcile of an active run "put it back").
+    let events = env.events_for("gdpr-check-q4").await;
+    assert!(events.iter().any(|(_, r)| r == "Authorized"), "{events:?}");
+    assert!(!events.iter().any(|(_, r)| r == "PodRelabelled"), "{events:?}");
+    assert!(!env.operator_log().contains("lost its"), "no relabel in the log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

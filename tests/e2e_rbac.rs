@@ -31,7 +31,7 @@ fn group_of(resource: &str) -> &'static str {
 const T: Duration = Duration::from_secs(20);
 
 /// Granted but not exercised by this flow, and why.
-const UNUSED_BUT_NEEDED: [(&str, &str, &str); 7] = [
+const UNUSED_BUT_NEEDED: [(&str, &str, &str); 8] = [
     (
         "agentruns/finalizers",
         "update",
@@ -42,6 +42,7 @@ const UNUSED_BUT_NEEDED: [(&str, &str, &str); 7] = [
     ("secrets", "patch", "the run token's rotation: a server-side apply at the Secret's uid (none in this short test)"),
     ("serviceaccounts", "patch", "a server-side apply at the uid when a create finds the run's own (a cache behind)"),
     ("pods", "get", "a read on a cache miss right after the pod was created"),
+    ("pods", "patch", "putting back the managed-by label of a run's pod that lost it (a pod in the cache has it)"),
     ("serviceaccounts", "get", "a read on a cache miss"),
 ];
 

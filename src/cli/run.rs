@@ -306,6 +306,7 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
             children: ChildConfig { issuer: issuer.clone(), token_endpoint },
             max_backoff: std::time::Duration::from_secs(300),
             max_concurrent_reconciles: args.max_concurrent_reconciles,
+            clock: controller::Clock::system(),
         };
         let mut stop = stop_rx.clone();
         let mut still_leader = leader.clone();

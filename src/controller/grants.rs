@@ -160,7 +160,7 @@ pub(super) async fn status_loop(
                 }
             }
         }
-        let now = Timestamp::now();
+        let now = ctx.now();
         let due: Vec<_> = scheduled.iter().filter(|(_, t)| **t <= now).map(|(k, _)| k.clone()).collect();
         for k in due {
             scheduled.remove(&k);

@@ -6,6 +6,7 @@ pub mod children;
 pub mod events;
 mod grants;
 mod owned;
+pub mod plan;
 mod reconcile;
 
 use std::collections::HashMap;
@@ -44,6 +45,39 @@ pub struct ControllerConfig {
     /// How many runs are reconciled at once (0: unbounded). Bounds the operator's memory and
     /// its in-flight requests to the API server when thousands of runs start together.
     pub max_concurrent_reconciles: u16,
+    /// Where the controller's time comes from.
+    pub clock: Clock,
+}
+
+/// The controller's source of time: the system clock, or any other (a test's).
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Clock {
+        Clock(Arc::new(jiff::Timestamp::now))
+    }
+
+    /// A clock that reads `f`.
+    pub fn from_fn(f: impl Fn() -> jiff::Timestamp + Send + Sync + 'static) -> Clock {
+        Clock(Arc::new(f))
+    }
+
+    pub fn now(&self) -> jiff::Timestamp {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::system()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
 }
 
 /// Errors of one reconcile. Each has a static category for metrics and Events.
@@ -62,6 +96,9 @@ pub enum Error {
     /// A child's name is held by an object the run does not own (see `owned`).
     #[error("{0}")]
     NameTaken(owned::Taken),
+    /// The plan kept asking for observations (a bug: each is asked for at most once).
+    #[error("the reconcile plan did not settle")]
+    Unsettled,
 }
 
 impl Error {
@@ -74,6 +111,7 @@ impl Error {
             Error::Serde(_) => "serialisation",
             Error::MissingField(_) => "invalid_object",
             Error::NameTaken(_) => "name_taken",
+            Error::Unsettled => "unsettled",
         }
     }
 }
@@ -167,6 +205,19 @@ impl Context {
             }
             w.insert(uid.to_string(), Written { progress: progress_of(Some(status)), at: std::time::Instant::now() });
         }
+    }
+
+    /// Records that the run `uid` ended without a status write (it is being deleted): no
+    /// cached copy of it can be ahead of that.
+    fn ended(&self, uid: &str) {
+        if let Ok(mut w) = self.written.lock() {
+            w.insert(uid.to_string(), Written { progress: (4, u32::MAX), at: std::time::Instant::now() });
+        }
+    }
+
+    /// The time, from the controller's clock.
+    pub(crate) fn now(&self) -> jiff::Timestamp {
+        self.cfg.clock.now()
     }
 
     /// Whether the cached run is behind a status this process wrote in the last minute.

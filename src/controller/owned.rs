@@ -8,9 +8,11 @@
 //! uid as a precondition, so an object replaced in between is never written or deleted.
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
-use kube::Resource;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -33,23 +35,36 @@ pub fn taken<K: Resource<DynamicType = ()>>(name: &str, leaving: bool) -> Error 
     Error::NameTaken(Taken { kind: K::kind(&()).into_owned(), name: name.to_string(), leaving })
 }
 
-/// What a cache's copy tells of a child without asking the API server: only that it is the
-/// run's own (the cache may be behind, and a foreign object is usually not in it at all).
-pub fn known(cached: Option<&ObjectMeta>, run: &AgentRun) -> Option<Found> {
-    cached.filter(|m| runs::owned_by(m, run)).map(|m| runs::found(Some(m), run))
+/// The cache's copy of the run's child (of the kind the store holds), if any.
+pub fn cached<C>(store: &Store<C>, run: &AgentRun) -> Option<Arc<C>>
+where
+    C: Resource<DynamicType = ()> + Clone,
+{
+    let ns = run.metadata.namespace.as_deref().unwrap_or_default();
+    store.get(&ObjectRef::new(&runs::child_name(&run.name_any())).within(ns))
 }
 
-/// Whose the object under `name` is. The cache's copy answers when it shows the run's own
-/// child; otherwise the API server does (the caches hold only Deputy-labelled objects, so a
-/// tenant's object under the name is not in them).
-pub async fn look<K>(api: &Api<K>, name: &str, cached: Option<&ObjectMeta>, run: &AgentRun) -> Result<Found, Error>
+/// What the cache tells of the run's child without asking the API server: only that it is the
+/// run's own (the cache may be behind, and a foreign object is usually not in it at all).
+pub fn known<C>(store: &Store<C>, run: &AgentRun) -> Option<Found>
+where
+    C: Resource<DynamicType = ()> + Clone,
+{
+    cached(store, run).map(|c| runs::found(Some(c.meta()), run)).filter(|f| matches!(f, Found::Ours { .. }))
+}
+
+/// Whose the object under the run's child name is. The cache's copy answers when it shows the
+/// run's own child; otherwise the API server does (the caches hold only Deputy-labelled
+/// objects, so a tenant's object under the name is not in them).
+pub async fn look<K, C>(api: &Api<K>, cached: Option<&C>, run: &AgentRun) -> Result<Found, Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    C: Resource<DynamicType = ()>,
 {
-    if let Some(meta) = cached.filter(|m| runs::owned_by(m, run)) {
+    if let Some(meta) = cached.map(Resource::meta).filter(|m| runs::owned_by(m, run)) {
         return Ok(runs::found(Some(meta), run));
     }
-    let meta = api.get_metadata_opt(name).await?;
+    let meta = api.get_metadata_opt(&runs::child_name(&run.name_any())).await?;
     Ok(runs::found(meta.as_ref().map(|m| &m.metadata), run))
 }
 
@@ -68,7 +83,7 @@ where
             let params = PostParams { field_manager: Some(MANAGER.to_string()), ..Default::default() };
             match api.create(&params, obj).await {
                 Ok(_) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => match look(api, &name, None, run).await? {
+                Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => match look::<K, K>(api, None, run).await? {
                     Found::Ours { uid } => uid,
                     Found::Foreign { leaving } => return Err(taken::<K>(&name, leaving)),
                     // Deleted again since: the next reconcile creates it.
@@ -86,17 +101,18 @@ where
     Ok(())
 }
 
-/// Deletes the run's own child under `name`, if there is one; someone else's is left alone.
-pub async fn remove<K>(api: &Api<K>, name: &str, cached: Option<&ObjectMeta>, run: &AgentRun) -> Result<(), Error>
+/// Deletes the run's own child, if there is one; someone else's is left alone.
+pub async fn remove<K, C>(api: &Api<K>, cached: Option<&C>, run: &AgentRun) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    C: Resource<DynamicType = ()>,
 {
-    let Found::Ours { uid } = look(api, name, cached, run).await? else { return Ok(()) };
+    let Found::Ours { uid } = look(api, cached, run).await? else { return Ok(()) };
     let params = DeleteParams {
         preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
         ..DeleteParams::background()
     };
-    match api.delete(name, &params).await {
+    match api.delete(&runs::child_name(&run.name_any()), &params).await {
         Ok(_) => Ok(()),
         // Gone already, or replaced by an object that is not ours (the uid precondition).
         Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),

@@ -16,6 +16,7 @@ use serde_json::json;
 use super::children::{self, RunInfo};
 use super::events::EventType;
 use super::owned::{self, Taken};
+use super::plan::{self, Children, Held, Keep, Need, Observed, PodStep, Step, Token};
 use super::{Context, Error, FINALIZER, MANAGER, requeue};
 use crate::audit::{Action as AuditAction, Record};
 use crate::authorization::{self, Authorization, Decision, Input, Parent, Reason, Refusal};
@@ -65,10 +66,6 @@ pub fn error_policy(run: Arc<AgentRun>, err: &Error, ctx: Arc<Context>) -> Actio
     let delay = ctx.backoff(&key, err);
     tracing::warn!(run = %key, error = %err, category = err.category(), retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
-}
-
-fn now() -> Timestamp {
-    Timestamp::now()
 }
 
 /// What the engine needs, from the caches.
@@ -129,122 +126,104 @@ fn decide_in_chain<G: std::borrow::Borrow<DelegationGrant>>(
     })
 }
 
+/// Observes the run, asks the plan for the next step (observing more when it asks), and
+/// carries the step out.
 async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
-    let now = now();
-    let status = run.status.clone().unwrap_or_default();
-    let phase = status.phase.unwrap_or(RunPhase::Pending);
-    // Before the cache check: a stale copy of our own writes never shows `completedAt` with a
-    // live phase (the terminal phase is written with it), so this is someone else's write.
-    if status_regressed(&status) {
-        // Someone wrote an ended run's status back to a live phase. It stays ended: nothing is
-        // created for it again, and every replica refuses its tokens (see `is_active`).
-        tracing::warn!(phase = ?phase, "the status of an ended run was written back to a live phase; it stays ended");
-        publish(
-            ctx,
-            run,
-            EventType::Warning,
-            "StatusTampered",
-            "Revoke",
-            format!("status.phase {phase:?} on a run that completed or was revoked: the run stays ended"),
-        )
-        .await;
-        remove_credentials(run, ctx, true).await?;
-        let mut s = status.clone();
-        s.phase = Some(RunPhase::Revoked);
-        s.reason = Some(End::StatusTampered.as_str().into());
-        s.message = Some(End::StatusTampered.message().into());
-        write_status(run, ctx, s).await?;
-        return Ok(Action::await_change());
-    }
-
-    if ctx.cache_is_behind(&run.uid().unwrap_or_default(), run.status.as_ref()) {
-        // Our own last write has not reached the cache yet: acting on this copy would mint
-        // or revoke a second time. The watch event of that write triggers the next reconcile.
-        return Ok(Action::requeue(std::time::Duration::from_millis(500)));
-    }
-
-    if phase.is_terminal() {
-        // Final. Make sure nothing it held survives (e.g. the operator died mid-revocation).
-        if status.revoked_at.is_none() && phase != RunPhase::Denied {
-            // The pod is kept only when the recorded reason says it ended by itself.
-            let stop = status.reason.as_deref().and_then(End::parse).is_none_or(End::stops_pod);
-            remove_credentials(run, ctx, stop).await?;
-            let mut s = status.clone();
-            s.revoked_at = Some(now);
-            write_status(run, ctx, s).await?;
+    let now = ctx.now();
+    let uid = run.uid().unwrap_or_default();
+    let mut observed = Observed {
+        now,
+        uid: uid.clone(),
+        status: run.status.clone().unwrap_or_default(),
+        cache_behind: ctx.cache_is_behind(&uid, run.status.as_ref()),
+        deleting: run.meta().deletion_timestamp.is_some(),
+        revoke_requested: run.annotations().contains_key(runs::REVOKE_ANNOTATION),
+        decision: None,
+        fresh: false,
+        token: Token::Unread,
+        children: None,
+    };
+    // Each need is asked for at most once, so the plan settles within as many rounds.
+    for _ in 0..=Need::COUNT {
+        match plan::plan(&observed) {
+            Step::Observe(need) => observe(run, ctx, &mut observed, need).await?,
+            step => return carry_out(run, ctx, &observed, step).await,
         }
-        return Ok(Action::await_change());
     }
+    Err(Error::Unsettled)
+}
 
-    if run.meta().deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
-    }
-
-    if phase.is_active() && run.annotations().contains_key(runs::REVOKE_ANNOTATION) {
-        return end(run, ctx, End::SelfRevoked, End::SelfRevoked.message()).await;
-    }
-    let decision = decide(run, ctx, now);
-    if let Decision::Authorized(auth) = &decision
-        && now >= auth.deadline
-    {
-        // The deadline is the decision's (from the run's creation), never the status's.
-        return end(run, ctx, End::DeadlineExceeded, End::DeadlineExceeded.message()).await;
-    }
-
-    match (phase.is_active(), decision) {
-        (false, Decision::Authorized(_)) => {
-            // Before granting anything, decide again on a fresh read of the grants: the
-            // grant cache and the run cache are separate watches, and a Deny grant created just
-            // before the run must never lose that race.
+/// Makes the observation the plan asked for.
+async fn observe(run: &AgentRun, ctx: &Context, o: &mut Observed, need: Need) -> Result<(), Error> {
+    match need {
+        Need::Decision => o.decision = Some(decide(run, ctx, o.now)),
+        Need::FreshGrants => {
             let api: Api<DelegationGrant> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
             let fresh = api.list(&ListParams::default()).await?.items;
-            settle_pending(run, ctx, decide_with(run, ctx, &fresh, now), now).await
+            o.decision = Some(decide_with(run, ctx, &fresh, o.now));
+            o.fresh = true;
         }
-        (false, refused) => settle_pending(run, ctx, refused, now).await,
-        (true, Decision::Denied(refusal)) => end(run, ctx, End::lost(refusal.reason), &refusal.message).await,
-        (true, Decision::Authorized(auth)) => {
-            // The status is a report anyone allowed to write it can change: it only hints that
-            // authority shrank. What the run holds is what its current token (signed by us)
-            // carries.
-            let hinted = authority_reduced(&held_by_status(&status), &auth).is_some();
-            if hinted
-                && let Some(held) = held_by_token(run, ctx).await?
-                && let Some(why) = authority_reduced(&held, &auth)
-            {
-                return end(run, ctx, End::AuthorityReduced, &why).await;
-            }
-            keep_active(run, ctx, status, &auth, now).await
+        Need::Token => o.token = held_by_token(run, ctx).await?.map_or(Token::Invalid, Token::Holds),
+        Need::Children => o.children = Some(observe_children(run, ctx).await?),
+    }
+    Ok(())
+}
+
+async fn carry_out(run: &AgentRun, ctx: &Context, o: &Observed, step: Step) -> Result<Action, Error> {
+    let now = o.now;
+    match step {
+        // Our own last write has not reached the cache yet: acting on this copy would mint or
+        // revoke a second time. The watch event of that write triggers the next reconcile.
+        Step::WaitForCache => Ok(Action::requeue(Duration::from_millis(500))),
+        Step::Tampered => tampered(run, ctx, o.status.clone()).await,
+        Step::FinishEnd { stop_pod } => {
+            // Final. Make sure nothing it held survives (e.g. the operator died mid-revocation).
+            remove_credentials(run, ctx, stop_pod).await?;
+            let mut s = o.status.clone();
+            s.revoked_at = Some(now);
+            write_status(run, ctx, s).await?;
+            Ok(Action::await_change())
+        }
+        Step::Idle => Ok(Action::await_change()),
+        // `apply` makes every observation before it carries a step out.
+        Step::Observe(_) => Err(Error::Unsettled),
+        Step::End(why, message) => end(run, ctx, why, &message).await,
+        Step::Authorize(auth) => authorize(run, ctx, auth, now).await,
+        Step::Wait(refusal) => wait(run, ctx, refusal, now).await,
+        Step::Deny(refusal) => deny(run, ctx, refusal, now).await,
+        Step::Taken { child, leaving } => Err(Error::NameTaken(Taken {
+            kind: child.kind().to_string(),
+            name: runs::child_name(&run.name_any()),
+            leaving,
+        })),
+        Step::Keep(keep) => {
+            let secret = o.children.as_ref().map_or(Found::Absent, |c| c.secret.clone());
+            keep_active(run, ctx, o.status.clone(), keep, secret, now).await
         }
     }
 }
 
-/// Whether a status says the run ended (`completedAt`, `revokedAt`) yet shows a live or
-/// pending phase: only a write by someone else does that (Deputy sets the terminal phase in
-/// the same write as `completedAt`).
-fn status_regressed(status: &AgentRunStatus) -> bool {
-    let ended = status.completed_at.is_some() || status.revoked_at.is_some();
-    ended && !status.phase.is_some_and(RunPhase::is_terminal)
-}
-
-/// Carries out the decision for a run that is not active yet: authorise it, let it wait for
-/// something it names, or deny it for good.
-async fn settle_pending(run: &AgentRun, ctx: &Context, decision: Decision, now: Timestamp) -> Result<Action, Error> {
-    match decision {
-        Decision::Authorized(auth) => authorize(run, ctx, auth, now).await,
-        Decision::Denied(refusal) if refusal.reason.is_transient() => wait(run, ctx, refusal, now).await,
-        Decision::Denied(refusal) => deny(run, ctx, refusal, now).await,
-    }
-}
-
-/// The (audience, scopes) pairs a run holds.
-type Held = Vec<(String, Vec<scope::Scope>)>;
-
-fn held_by_status(status: &AgentRunStatus) -> Held {
-    status
-        .granted_authority
-        .iter()
-        .map(|g| (g.audience.clone(), scope::parse_all(&g.scopes).unwrap_or_default()))
-        .collect()
+/// Someone wrote an ended run's status back to a live phase. It stays ended: nothing is
+/// created for it again, and every replica refuses its tokens (see `runs::is_active`).
+async fn tampered(run: &AgentRun, ctx: &Context, status: AgentRunStatus) -> Result<Action, Error> {
+    let phase = status.phase.unwrap_or(RunPhase::Pending);
+    tracing::warn!(phase = ?phase, "the status of an ended run was written back to a live phase; it stays ended");
+    publish(
+        ctx,
+        run,
+        EventType::Warning,
+        End::StatusTampered.as_str(),
+        "Revoke",
+        format!("status.phase {phase:?} on a run that completed or was revoked: the run stays ended"),
+    )
+    .await;
+    remove_credentials(run, ctx, true).await?;
+    let mut s = status;
+    s.phase = Some(End::StatusTampered.phase());
+    s.reason = Some(End::StatusTampered.as_str().into());
+    s.message = Some(End::StatusTampered.message().into());
+    write_status(run, ctx, s).await?;
+    Ok(Action::await_change())
 }
 
 /// What the run's current token carries, if its Secret holds one that verifies with our keys
@@ -267,20 +246,6 @@ async fn held_by_token(run: &AgentRun, ctx: &Context) -> Result<Option<Held>, Er
         })
         .collect();
     Ok(Some(held))
-}
-
-/// An active run keeps only what it was given; if its grants now give less, it is revoked
-/// rather than silently narrowed (its tokens already carry the old pairs).
-fn authority_reduced(held: &Held, auth: &Authorization) -> Option<String> {
-    for (aud, scopes) in held {
-        let Some((_, now_held)) = auth.authority.iter().find(|(a, _)| a == aud) else {
-            return Some(format!("audience {aud} is no longer granted"));
-        };
-        if let Some(lost) = scopes.iter().find(|s| !scope::covered_by(s, now_held)) {
-            return Some(format!("scope {lost} is no longer granted for audience {aud}"));
-        }
-    }
-    None
 }
 
 fn reference(run: &AgentRun) -> k8s_openapi::api::core::v1::ObjectReference {
@@ -384,7 +349,8 @@ async fn mint(
     run: &AgentRun,
     ctx: &Context,
     auth: &Authorization,
-    (rotations, secret): (u32, Option<Found>),
+    rotations: u32,
+    secret: Found,
     now: Timestamp,
 ) -> Result<(Timestamp, Timestamp, String), Error> {
     let ns = run.namespace().unwrap_or_default();
@@ -430,12 +396,11 @@ async fn mint(
         token_file: contract::file(contract::TOKEN_KEY),
         actor_token_file: contract::file(contract::ACTOR_TOKEN_PATH),
         token_expires_at: expires,
-        next_rotation_at: next.min(expires),
+        next_rotation_at: next,
         deadline,
     };
-    let secret_found = secret;
-    let secret = children::desired_secret(run, &token, &info)?;
-    owned::put(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), &secret, run, secret_found).await?;
+    let desired = children::desired_secret(run, &token, &info)?;
+    owned::put(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), &desired, run, Some(secret)).await?;
     ctx.metrics.token_minted("run");
     Ok((now, expires, claims.jti))
 }
@@ -443,8 +408,7 @@ async fn mint(
 async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Timestamp) -> Result<Action, Error> {
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
-    let agent =
-        ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns)).ok_or(Error::MissingField("agent"))?;
+    let agent = agent_of(run, ctx)?;
     // Build every child first: a template that cannot become a pod is a denial, before
     // anything is created.
     let pod = match children::desired_pod(run, &agent, &auth, &ctx.cfg.children, now) {
@@ -460,15 +424,10 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     auth.record_in(&mut status);
     // Each child is created (or, if the cache shows the run's own, written at its uid): a name
     // someone else took first fails the run (`name_taken`), and what was made is removed.
-    let child = runs::child_name(&name);
-    let sa_known = owned::known(
-        ctx.stores.service_accounts.get(&ObjectRef::new(&child).within(&ns)).as_ref().map(|m| &m.metadata),
-        run,
-    );
+    let sa_known = owned::known(&ctx.stores.service_accounts, run);
     owned::put(&Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns), &sa, run, sa_known).await?;
-    let secret_known =
-        owned::known(ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns)).as_ref().map(|m| &m.metadata), run);
-    let (iat, exp, jti) = mint(run, ctx, &auth, (status.rotations, secret_known), now).await?;
+    let secret_known = owned::known(&ctx.stores.secrets, run).unwrap_or(Found::Absent);
+    let (iat, exp, jti) = mint(run, ctx, &auth, status.rotations, secret_known, now).await?;
     let (actors, scopes, audiences) =
         (chain_of(&status), status.granted_scopes.clone(), status.granted_audiences.clone());
     let base = Record {
@@ -513,8 +472,7 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     );
     write_status(run, ctx, status.clone()).await?;
 
-    let pod_known =
-        owned::known(ctx.stores.pods.get(&ObjectRef::new(&child).within(&ns)).as_ref().map(|p| &p.metadata), run);
+    let pod_known = owned::known(&ctx.stores.pods, run);
     owned::put(&Api::<Pod>::namespaced(ctx.client.clone(), &ns), &pod, run, pod_known).await?;
 
     Record { reason: Some("Authorized"), ..base }.emit();
@@ -532,67 +490,95 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     Ok(next_wakeup(run, &status, ctx, now))
 }
 
-/// An active run: follow its pod, rotate its token, recreate missing children (never writing
-/// to an object under a child's name that is not the run's own).
+/// Looks at the run's children: the cache's copy when it shows the run's own, else the API
+/// server's (a cache may lag Deputy's own create, and it holds only labelled objects).
+async fn observe_children(run: &AgentRun, ctx: &Context) -> Result<Children, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let child = runs::child_name(&run.name_any());
+    // The pod cache selects on the `managed-by` label: a pod found there carries it.
+    let cached = owned::cached(&ctx.stores.pods, run).filter(|p| runs::owned_by(&p.metadata, run));
+    let (pod, labelled) = match cached {
+        Some(p) => (Some(p), true),
+        None => {
+            let p = Api::<PodPhase>::namespaced(ctx.client.clone(), &ns).get_opt(&child).await?.map(Arc::new);
+            let (key, value) = runs::MANAGED_BY;
+            let labelled = p
+                .as_deref()
+                .and_then(|p| p.metadata.labels.as_ref())
+                .is_some_and(|l| l.get(key).map(String::as_str) == Some(value));
+            (p, labelled)
+        }
+    };
+    let pod = match pod.as_deref() {
+        None => plan::Pod::absent(),
+        Some(p) => plan::Pod {
+            found: runs::found(Some(&p.metadata), run),
+            end: runs::pod_end(p),
+            running: p.phase() == Some("Running"),
+            labelled,
+        },
+    };
+    let service_account = owned::look(
+        &Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns),
+        owned::cached(&ctx.stores.service_accounts, run).as_deref(),
+        run,
+    )
+    .await?;
+    let secret = owned::look(
+        &Api::<Secret>::namespaced(ctx.client.clone(), &ns),
+        owned::cached(&ctx.stores.secrets, run).as_deref(),
+        run,
+    )
+    .await?;
+    Ok(Children { pod, service_account, secret })
+}
+
+/// Keeps an active run going, as planned: puts back its pod's label, recreates its missing
+/// children (never writing to an object under a child's name that is not the run's own),
+/// follows its pod and rotates its token.
 async fn keep_active(
     run: &AgentRun,
     ctx: &Context,
     mut status: AgentRunStatus,
-    auth: &Authorization,
+    keep: Keep,
+    secret: Found,
     now: Timestamp,
 ) -> Result<Action, Error> {
+    let Keep { auth, relabel_pod, pod, create_service_account, mint: why } = keep;
     // The status reports the decision just made (narrowed bounds apply from the next mint).
     auth.record_in(&mut status);
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let child = runs::child_name(&name);
 
-    // The pod: the cache's copy when it is the run's own, else the API server's (the cache
-    // may lag our own create, and it follows the `managed-by` label only).
-    let mut pod = ctx.stores.pods.get(&ObjectRef::new(&child).within(&ns)).filter(|p| runs::owned_by(&p.metadata, run));
-    if pod.is_none() {
-        pod = Api::<PodPhase>::namespaced(ctx.client.clone(), &ns).get_opt(&child).await?.map(Arc::new);
+    if let Some(uid) = relabel_pod {
+        // Without the label the cache would not follow the pod, and its end would go unseen.
+        let (key, value) = runs::MANAGED_BY;
+        tracing::warn!(namespace = %ns, run = %name, "the run's pod lost its {key} label; putting it back");
+        let patch = json!({"metadata": {"uid": uid, "labels": {key: value}}});
+        Api::<PodPhase>::namespaced(ctx.client.clone(), &ns)
+            .patch(&child, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        publish(
+            ctx,
+            run,
+            EventType::Warning,
+            "PodRelabelled",
+            "Relabel",
+            format!("the pod {child:?} lost its {key} label, which Deputy watches it by; it was put back"),
+        )
+        .await;
     }
-    match runs::found(pod.as_deref().map(|p| &p.metadata), run) {
-        Found::Foreign { leaving } => return Err(owned::taken::<Pod>(&child, leaving)),
-        Found::Ours { uid } => {
-            let (key, value) = runs::MANAGED_BY;
-            let labels = pod.as_deref().and_then(|p| p.metadata.labels.as_ref());
-            if labels.and_then(|l| l.get(key)).map(String::as_str) != Some(value) {
-                // Without the label the cache would not follow the pod, and its end would go unseen.
-                tracing::warn!(namespace = %ns, run = %name, "the run's pod lost its {key} label; putting it back");
-                let patch = json!({"metadata": {"uid": uid, "labels": {key: value}}});
-                Api::<PodPhase>::namespaced(ctx.client.clone(), &ns)
-                    .patch(&child, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
-                publish(
-                    ctx,
-                    run,
-                    EventType::Warning,
-                    "PodRelabelled",
-                    "Relabel",
-                    format!("the pod {child:?} lost its {key} label, which Deputy watches it by; it was put back"),
-                )
-                .await;
-            }
+    match pod {
+        PodStep::Leave => {}
+        PodStep::MarkRunning => {
+            status.phase = Some(RunPhase::Running);
+            status.reason = Some("PodRunning".into());
+            status.message = Some("the run's pod is running".into());
         }
-        Found::Absent => {}
-    }
-    if let Some(ended) = pod.as_deref().and_then(runs::pod_end) {
-        return end(run, ctx, ended, ended.message()).await;
-    }
-    match pod.as_ref() {
-        None if status.phase == Some(RunPhase::Running) => {
-            return end(run, ctx, End::PodDeleted, End::PodDeleted.message()).await;
-        }
-        None => {
-            // Authorized but the pod is missing (e.g. the operator stopped before creating it).
-            let agent = ctx
-                .stores
-                .agents
-                .get(&ObjectRef::new(&run.spec.agent).within(&ns))
-                .ok_or(Error::MissingField("agent"))?;
-            match children::desired_pod(run, &agent, auth, &ctx.cfg.children, now) {
+        PodStep::Recreate => {
+            let agent = agent_of(run, ctx)?;
+            match children::desired_pod(run, &agent, &auth, &ctx.cfg.children, now) {
                 Ok(p) => {
                     tracing::info!(namespace = %ns, run = %name, "the run's pod is missing; creating it again");
                     owned::put(&Api::<Pod>::namespaced(ctx.client.clone(), &ns), &p, run, Some(Found::Absent)).await?;
@@ -602,48 +588,13 @@ async fn keep_active(
                 }
             }
         }
-        Some(p) if status.phase == Some(RunPhase::Authorized) && p.phase() == Some("Running") => {
-            status.phase = Some(RunPhase::Running);
-            status.reason = Some("PodRunning".into());
-            status.message = Some("the run's pod is running".into());
-        }
-        _ => {}
     }
-
-    // The ServiceAccount and the Secret must exist while the run is active.
-    let sa_api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns);
-    let cached = ctx.stores.service_accounts.get(&ObjectRef::new(&child).within(&ns));
-    let sa = owned::look(&sa_api, &child, cached.as_ref().map(|m| &m.metadata), run).await?;
-    if sa == Found::Absent {
-        let agent =
-            ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns)).ok_or(Error::MissingField("agent"))?;
-        owned::put(&sa_api, &children::desired_service_account(run, &agent, auth), run, Some(sa)).await?;
-    } else if let Found::Foreign { leaving } = sa {
-        return Err(owned::taken::<ServiceAccount>(&child, leaving));
+    if create_service_account {
+        let sa = children::desired_service_account(run, &*agent_of(run, ctx)?, &auth);
+        owned::put(&Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns), &sa, run, Some(Found::Absent)).await?;
     }
-    let cached = ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns));
-    let secret = owned::look(
-        &Api::<Secret>::namespaced(ctx.client.clone(), &ns),
-        &child,
-        cached.as_ref().map(|m| &m.metadata),
-        run,
-    )
-    .await?;
-    if let Found::Foreign { leaving } = secret {
-        return Err(owned::taken::<Secret>(&child, leaving));
-    }
-    let secret_missing = secret == Found::Absent;
-
-    // Rotation at about half the token's life (or at once if the Secret went missing).
-    let due = match (status.token_issued_at, status.token_expires_at) {
-        (Some(iat), Some(exp)) => {
-            children::next_rotation(iat, exp, auth.deadline, &run.uid().unwrap_or_default(), status.rotations + 1)
-                .is_some_and(|at| now >= at)
-        }
-        _ => true,
-    };
-    if due || secret_missing {
-        let (iat, exp, jti) = mint(run, ctx, auth, (status.rotations + 1, Some(secret)), now).await?;
+    if let Some(why) = why {
+        let (iat, exp, jti) = mint(run, ctx, &auth, status.rotations + 1, secret, now).await?;
         status.token_issued_at = Some(iat);
         status.token_expires_at = Some(exp);
         status.token_id = Some(jti.clone());
@@ -665,7 +616,7 @@ async fn keep_active(
             audiences: &status.granted_audiences,
             jti: Some(&jti),
             exp: Some(exp.as_second()),
-            reason: Some(if secret_missing { "SecretMissing" } else { "Rotation" }),
+            reason: Some(why.as_str()),
             ..Record::new(AuditAction::Rotated, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
         }
         .emit();
@@ -674,10 +625,16 @@ async fn keep_active(
     Ok(next_wakeup(run, &status, ctx, now))
 }
 
+/// The run's Agent, from the cache.
+fn agent_of(run: &AgentRun, ctx: &Context) -> Result<Arc<crate::resources::Agent>, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    ctx.stores.agents.get(&ObjectRef::new(&run.spec.agent).within(&ns)).ok_or(Error::MissingField("agent"))
+}
+
 /// Ends a run: terminal status first (so every replica's token endpoint refuses its tokens at
 /// once), then its credentials are deleted, then `revokedAt` records that they are gone.
 async fn end(run: &AgentRun, ctx: &Context, why: End, message: &str) -> Result<Action, Error> {
-    let now = now();
+    let now = ctx.now();
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let mut status = run.status.clone().unwrap_or_default();
@@ -733,7 +690,7 @@ async fn end(run: &AgentRun, ctx: &Context, why: End, message: &str) -> Result<A
     .await;
 
     remove_credentials(run, ctx, why.stops_pod()).await?;
-    status.revoked_at = Some(Timestamp::now());
+    status.revoked_at = Some(ctx.now());
     let updated = AgentRun { status: Some(status.clone()), ..run.clone() };
     // Not write_status: it compares with the cached status, which still lacks revokedAt.
     status.observed_generation = run.metadata.generation;
@@ -748,17 +705,13 @@ async fn end(run: &AgentRun, ctx: &Context, why: End, message: &str) -> Result<A
 /// its pod. Missing objects are fine.
 async fn remove_credentials(run: &AgentRun, ctx: &Context, pod_too: bool) -> Result<(), Error> {
     let ns = run.namespace().unwrap_or_default();
-    let child = runs::child_name(&run.name_any());
-    let cached = ctx.stores.secrets.get(&ObjectRef::new(&child).within(&ns));
-    let api = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
-    owned::remove(&api, &child, cached.as_ref().map(|m| &m.metadata), run).await?;
-    let cached = ctx.stores.service_accounts.get(&ObjectRef::new(&child).within(&ns));
-    let api = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns);
-    owned::remove(&api, &child, cached.as_ref().map(|m| &m.metadata), run).await?;
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
+    owned::remove(&secrets, owned::cached(&ctx.stores.secrets, run).as_deref(), run).await?;
+    let service_accounts = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns);
+    owned::remove(&service_accounts, owned::cached(&ctx.stores.service_accounts, run).as_deref(), run).await?;
     if pod_too {
-        let cached = ctx.stores.pods.get(&ObjectRef::new(&child).within(&ns));
-        let api = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
-        owned::remove(&api, &child, cached.as_ref().map(|p| &p.metadata), run).await?;
+        let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
+        owned::remove(&pods, owned::cached(&ctx.stores.pods, run).as_deref(), run).await?;
     }
     Ok(())
 }
@@ -810,9 +763,7 @@ async fn cleanup(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
         ctx.metrics.run_ended(End::RunDeleted);
         ctx.touch_status_of(run);
         // Remembered as ended (nothing is written: the run is going away).
-        let ended =
-            AgentRunStatus { phase: Some(RunPhase::Revoked), revoked_at: Some(Timestamp::now()), ..status.clone() };
-        ctx.wrote(&uid, &ended);
+        ctx.ended(&uid);
     }
     remove_credentials(run, ctx, true).await?;
     Ok(Action::await_change())
@@ -841,45 +792,8 @@ fn until(now: Timestamp, at: Timestamp) -> Duration {
 
 /// Requeue exactly at the next moment that matters: rotation, deadline, or a grant change.
 fn next_wakeup(run: &AgentRun, status: &AgentRunStatus, ctx: &Context, now: Timestamp) -> Action {
-    let mut at: Vec<Timestamp> = vec![];
-    if let (Some(iat), Some(exp), Some(deadline)) = (status.token_issued_at, status.token_expires_at, status.deadline) {
-        at.extend(children::next_rotation(iat, exp, deadline, &run.uid().unwrap_or_default(), status.rotations + 1));
-    }
-    at.extend(status.deadline);
-    at.extend(next_grant_change(run, ctx, now));
-    match at.into_iter().min() {
+    match plan::wake_at(status, &run.uid().unwrap_or_default(), next_grant_change(run, ctx, now)) {
         Some(t) => requeue(until(now, t)),
         None => requeue(Duration::from_secs(300)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_status_is_regressed_when_it_ended_but_shows_a_live_or_pending_phase() {
-        let at: Timestamp = "2026-11-23T12:00:00Z".parse().unwrap_or(Timestamp::UNIX_EPOCH);
-        let st = |phase: Option<RunPhase>, completed: bool, revoked: bool| AgentRunStatus {
-            phase,
-            completed_at: completed.then_some(at),
-            revoked_at: revoked.then_some(at),
-            ..Default::default()
-        };
-        let cases = [
-            (st(Some(RunPhase::Authorized), false, false), false),
-            (st(Some(RunPhase::Running), false, false), false),
-            (st(None, false, false), false),
-            (st(Some(RunPhase::Succeeded), true, true), false),
-            (st(Some(RunPhase::Revoked), true, false), false),
-            (st(Some(RunPhase::Denied), true, false), false),
-            (st(Some(RunPhase::Authorized), true, false), true),
-            (st(Some(RunPhase::Running), false, true), true),
-            (st(Some(RunPhase::Pending), true, true), true),
-            (st(None, true, false), true),
-        ];
-        for (status, want) in cases {
-            assert_eq!(status_regressed(&status), want, "{status:?}");
-        }
     }
 }
