@@ -32,7 +32,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::duration;
 use crate::registration::Registrations;
-use crate::resources::{Agent, AgentRun, DelegationGrant, DeniedScope, Effect, RunPhase};
+use crate::resources::{Agent, AgentRun, AgentRunSpec, DelegationGrant, DeniedScope, Effect, RunPhase};
 use crate::scope::{self, Scope};
 
 /// The longest AgentRun name: `deputy-run-` plus it is exactly the 253 characters a
@@ -276,8 +276,8 @@ pub fn run_identity(trust_domain: &str, namespace: &str, agent: &str, run: &str)
     format!("spiffe://{trust_domain}/ns/{namespace}/agent/{agent}/run/{run}")
 }
 
-fn deny(reason: Reason, message: impl Into<String>) -> Decision {
-    Decision::Denied(Refusal { reason, message: message.into(), denied_scopes: vec![] })
+fn refuse(reason: Reason, message: impl Into<String>) -> Refusal {
+    Refusal { reason, message: message.into(), denied_scopes: vec![] }
 }
 
 /// A grant's spec, parsed.
@@ -291,10 +291,39 @@ struct ParsedGrant<'a> {
     expires_at: Option<Timestamp>,
 }
 
-enum GrantTime {
-    InForce,
-    NotYet,
+/// Where `now` falls in a grant's time window (`notBefore`, `expiresAt`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantTime {
+    /// Before `notBefore`: in force from `from`.
+    NotYet { from: Timestamp },
+    /// In force, until `expiresAt` if it has one.
+    InForce { until: Option<Timestamp> },
+    /// At or after `expiresAt`.
     Expired,
+}
+
+impl GrantTime {
+    /// When the grant's window next changes.
+    pub fn next_change(self) -> Option<Timestamp> {
+        match self {
+            GrantTime::NotYet { from } => Some(from),
+            GrantTime::InForce { until } => until,
+            GrantTime::Expired => None,
+        }
+    }
+}
+
+/// The one rule for a grant's time window, used by the decision, the grant's status phase and
+/// the reconciler's wake-ups: in force from `notBefore` (inclusive) until `expiresAt`
+/// (exclusive). Either time malformed: an error.
+pub fn grant_window(spec: &crate::resources::DelegationGrantSpec, now: Timestamp) -> Result<GrantTime, String> {
+    let not_before = spec.not_before.as_deref().map(parse_time).transpose()?;
+    let expires_at = spec.expires_at.as_deref().map(parse_time).transpose()?;
+    Ok(match (not_before, expires_at) {
+        (Some(from), _) if now < from => GrantTime::NotYet { from },
+        (_, Some(exp)) if now >= exp => GrantTime::Expired,
+        (_, until) => GrantTime::InForce { until },
+    })
 }
 
 fn parse_time(s: &str) -> Result<Timestamp, String> {
@@ -305,13 +334,8 @@ fn parse_grant(g: &DelegationGrant, now: Timestamp) -> Result<(ParsedGrant<'_>, 
     let spec = &g.spec;
     let scopes = scope::parse_all(&spec.scopes).map_err(|e| e.to_string())?;
     let dur = |v: &Option<String>| v.as_deref().map(duration::parse).transpose().map_err(|e| e.to_string());
-    let not_before = spec.not_before.as_deref().map(parse_time).transpose()?;
+    let time = grant_window(spec, now)?;
     let expires_at = spec.expires_at.as_deref().map(parse_time).transpose()?;
-    let time = match (not_before, expires_at) {
-        (Some(nb), _) if now < nb => GrantTime::NotYet,
-        (_, Some(exp)) if now >= exp => GrantTime::Expired,
-        _ => GrantTime::InForce,
-    };
     Ok((
         ParsedGrant {
             name: g.metadata.name.as_deref().unwrap_or(""),
@@ -350,265 +374,35 @@ pub fn template_images(template: &serde_json::Value) -> Result<Vec<String>, Stri
 
 /// Decides whether `input.run` may act, and with what authority.
 pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
+    match decide(input) {
+        Ok(auth) => Decision::Authorized(auth),
+        Err(refusal) => Decision::Denied(refusal),
+    }
+}
+
+/// The steps of the decision, each a named check that refuses with a reason.
+fn decide<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Result<Authorization, Refusal> {
     let Input { run, agent, grants, parent, registered, now, policy } = input;
     let spec = &run.spec;
     let namespace = run.metadata.namespace.as_deref().unwrap_or("default");
     let run_name = run.metadata.name.as_deref().unwrap_or("");
-
-    // 1. The run's own spec.
-    let requested = match scope::parse_all(&spec.scopes) {
-        Ok(s) if !s.is_empty() => s,
-        Ok(_) => return deny(Reason::InvalidSpec, "spec.scopes is empty"),
-        Err(e) => return deny(Reason::InvalidSpec, format!("spec.scopes: {e}")),
-    };
-    if spec.audiences.is_empty() || spec.audiences.iter().any(|a| a.is_empty()) {
-        return deny(Reason::InvalidSpec, "spec.audiences must name at least one non-empty audience");
-    }
-    let run_ttl = match spec.token_ttl.as_deref().map(duration::parse).transpose() {
-        Ok(t) => t,
-        Err(e) => return deny(Reason::InvalidSpec, format!("spec.tokenTTL: {e}")),
-    };
-    let max_duration = match duration::parse(&spec.max_duration) {
-        Ok(d) => d,
-        Err(e) => return deny(Reason::InvalidSpec, format!("spec.maxDuration: {e}")),
-    };
-    if run_name.len() > MAX_RUN_NAME {
-        // Children are named `deputy-run-<run>`; a longer name would have to be shortened, and
-        // a shortened name can be chosen to equal another run's.
-        return deny(Reason::InvalidSpec, format!("the run's name is longer than {MAX_RUN_NAME} characters"));
-    }
-    if let Some(e) = spec.env.iter().find(|e| e.name.starts_with("DEPUTY_")) {
-        return deny(Reason::InvalidSpec, format!("spec.env: {:?} is reserved for Deputy", e.name));
-    }
-    if policy.deputy_namespace.as_deref() == Some(namespace) {
-        return deny(
-            Reason::ReservedNamespace,
-            format!("runs in Deputy's own namespace {namespace:?} are refused (it holds the signing keys)"),
-        );
-    }
-
-    // 2. The Agent.
-    let Some(agent) = agent else {
-        return deny(Reason::AgentNotFound, format!("Agent {:?} does not exist in namespace {namespace}", spec.agent));
-    };
-    if agent.metadata.deletion_timestamp.is_some() {
-        return deny(Reason::AgentDeleted, format!("Agent {:?} is being deleted", spec.agent));
-    }
-    let ceiling = match scope::parse_all(&agent.spec.scopes) {
-        Ok(s) => s,
-        Err(e) => return deny(Reason::InvalidAgent, format!("Agent {:?} spec.scopes: {e}", spec.agent)),
-    };
-    let agent_ttl = match duration::parse(&agent.spec.max_token_ttl) {
-        Ok(d) => d,
-        Err(e) => return deny(Reason::InvalidAgent, format!("Agent {:?} spec.maxTokenTTL: {e}", spec.agent)),
-    };
-    if let Err(e) = template_images(&agent.spec.template) {
-        return deny(Reason::InvalidAgent, format!("Agent {:?} spec.{e}", spec.agent));
-    }
-
-    // 3. The parent, for a sub-agent run.
+    let Asked { requested, ttl: run_ttl, max_duration } = check_run(run, policy)?;
+    let AgentBounds { agent, ceiling, ttl: agent_ttl } = check_agent(agent, spec, namespace)?;
     let identity = run_identity(&policy.trust_domain, namespace, &spec.agent, run_name);
-    let mut parent_auth: Option<&Authorization> = None;
-    if let Some(parent_name) = spec.parent_run.as_deref() {
-        let Some(parent) = parent else {
-            return deny(Reason::ParentNotFound, format!("parent run {parent_name:?} does not exist"));
-        };
-        let phase = parent.run.status.as_ref().and_then(|s| s.phase).unwrap_or(RunPhase::Pending);
-        let ended = parent.run.metadata.deletion_timestamp.is_some()
-            || parent.run.status.as_ref().is_some_and(|s| s.completed_at.is_some() || s.revoked_at.is_some());
-        if phase == RunPhase::Pending && !ended {
-            return deny(Reason::ParentPending, format!("parent run {parent_name:?} is not authorised yet"));
-        }
-        if !is_live_record(parent.run) {
-            return deny(Reason::ParentNotActive, format!("parent run {parent_name:?} is not active"));
-        }
-        if parent.run.spec.principal != spec.principal {
-            return deny(
-                Reason::ParentPrincipalMismatch,
-                format!(
-                    "parent run {parent_name:?} acts for {:?}, not {:?}",
-                    parent.run.spec.principal, spec.principal
-                ),
-            );
-        }
-        let pa = match parent.decision {
-            Decision::Authorized(a) => a,
-            Decision::Denied(r) => {
-                return deny(
-                    Reason::ParentNotActive,
-                    format!("parent run {parent_name:?} no longer holds authority ({})", r.reason.as_str()),
-                );
-            }
-        };
-        if pa.remaining_delegation_depth == 0 {
-            return deny(
-                Reason::DelegationDepthExceeded,
-                format!("parent run {parent_name:?} may not delegate further (maxDelegationDepth reached)"),
-            );
-        }
-        parent_auth = Some(pa);
-    }
+    let parent_auth = check_parent(spec, parent)?;
+    let (allows, denies) = grants_in_force(grants, spec, now)?;
 
-    // 4. Grants for (principal, agent).
-    let mut allows = vec![];
-    let mut denies = vec![];
-    let (mut not_yet, mut expired) = (false, false);
-    for g in grants {
-        let g: &DelegationGrant = g.borrow();
-        if g.spec.principal != spec.principal || g.spec.agent != spec.agent || g.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        match (parse_grant(g, now), g.spec.effect) {
-            (Ok((p, GrantTime::InForce)), Effect::Allow) => allows.push(p),
-            (Ok((p, GrantTime::InForce)), Effect::Deny) => denies.push(p),
-            (Ok((_, GrantTime::NotYet)), Effect::Allow) => not_yet = true,
-            (Ok((_, GrantTime::Expired)), Effect::Allow) => expired = true,
-            (Ok(_), Effect::Deny) => {}
-            (Err(_), Effect::Allow) => {}
-            (Err(e), Effect::Deny) => {
-                let name = g.metadata.name.as_deref().unwrap_or("");
-                return deny(
-                    Reason::InvalidDenyGrant,
-                    format!("Deny grant {name:?} is malformed ({e}); failing closed"),
-                );
-            }
-        }
-    }
-    if let Some(d) = denies.iter().find(|d| d.scopes.is_empty() && d.audiences.is_empty()) {
-        return deny(
-            Reason::DeniedByGrant,
-            format!("grant {:?} denies {} the use of agent {:?}", d.name, spec.principal, spec.agent),
-        );
-    }
-    if allows.is_empty() {
-        let (reason, what) = if not_yet {
-            (Reason::GrantNotYetValid, "is not in force yet")
-        } else if expired {
-            (Reason::GrantExpired, "has expired")
-        } else {
-            (Reason::NoGrant, "exists")
-        };
-        let msg = if reason == Reason::NoGrant {
-            format!("no Allow grant for principal {:?} and agent {:?} exists", spec.principal, spec.agent)
-        } else {
-            format!("every Allow grant for principal {:?} and agent {:?} {what}", spec.principal, spec.agent)
-        };
-        return deny(reason, msg);
-    }
-
-    // 5. Authority, per audience: requested ∩ ceiling ∩ ResourceServer(a) ∩ ⋃{Allow g : a ∈ g.audiences} −
-    //    ⋃{Deny d : a ∈ d.audiences or d names none} (∩ the parent's for a). Grants add up as
-    //    pairs, never as (all their scopes) × (all their audiences).
-    let mut requested_audiences: Vec<&String> = spec.audiences.iter().collect();
-    requested_audiences.sort();
-    requested_audiences.dedup();
-    let mut authority: Vec<(String, Vec<Scope>)> = vec![];
-    // For each requested scope, how far it got for any audience (to say why it was dropped).
-    let mut furthest = vec![Reached::Nothing; requested.len()];
-    // Whether any audience was left to hold scopes at all.
-    let mut scoped_any = false;
-    // Why an audience the Agent may use is not registered here (for the refusal's message).
-    let mut unregistered = vec![];
-    for a in requested_audiences {
-        if !agent.spec.audiences.contains(a) {
-            continue;
-        }
-        // Only the audience's owners decide which namespaces may be given tokens for it.
-        let server_scopes = match registered.get(a) {
-            Ok(r) => &r.scopes,
-            Err(why) => {
-                unregistered.push(why.explain(a, namespace));
-                continue;
-            }
-        };
-        // A sub-agent may use only its parent's audiences, with at most its scopes there.
-        let parent_scopes: Option<&[Scope]> = match parent_auth {
-            Some(pa) => match pa.authority.iter().find(|(pa, _)| pa == a) {
-                Some((_, held)) => Some(held),
-                None => continue,
-            },
-            None => None,
-        };
-        let granted: Vec<Scope> =
-            allows.iter().filter(|g| g.audiences.contains(a)).flat_map(|g| g.scopes.iter().cloned()).collect();
-        if granted.is_empty() {
-            continue;
-        }
-        let denies_a: Vec<&ParsedGrant<'_>> =
-            denies.iter().filter(|d| d.audiences.is_empty() || d.audiences.contains(a)).collect();
-        if denies_a.iter().any(|d| d.scopes.is_empty()) {
-            // A Deny grant with no scopes takes the whole audience away.
-            continue;
-        }
-        scoped_any = true;
-        let mut held = vec![];
-        for (i, r) in requested.iter().enumerate() {
-            let mut step = scope::intersect_sets(std::slice::from_ref(r), &ceiling);
-            let mut stage = Reached::Nothing;
-            if !step.is_empty() {
-                step = scope::intersect_sets(&step, server_scopes);
-                stage = Reached::Ceiling;
-            }
-            if !step.is_empty() {
-                step = scope::intersect_sets(&step, &granted);
-                stage = Reached::Server;
-            }
-            if !step.is_empty() {
-                step.retain(|s| !denies_a.iter().any(|d| d.scopes.iter().any(|x| s.overlaps(x))));
-                stage = Reached::Grant;
-            }
-            if let (false, Some(ps)) = (step.is_empty(), parent_scopes) {
-                step = scope::intersect_sets(&step, ps);
-                stage = Reached::Deny;
-            }
-            furthest[i] = furthest[i].max(if step.is_empty() { stage } else { Reached::Held });
-            held.extend(step);
-        }
-        scope::minimise(&mut held);
-        if !held.is_empty() {
-            authority.push((a.clone(), held));
-        }
-    }
-    let mut denied_scopes = vec![];
-    for (r, f) in requested.iter().zip(&furthest) {
-        let why = match f {
-            Reached::Held => continue,
-            Reached::Nothing => scope_reason::NOT_IN_AGENT_CEILING,
-            Reached::Ceiling => scope_reason::NOT_REGISTERED,
-            Reached::Server => scope_reason::NOT_GRANTED,
-            Reached::Grant => scope_reason::DENIED_BY_GRANT,
-            Reached::Deny => scope_reason::NOT_HELD_BY_PARENT,
-        };
-        denied_scopes.push(DeniedScope { scope: r.to_string(), reason: why.to_string() });
-    }
-    if authority.is_empty() {
-        if !scoped_any {
-            return Decision::Denied(Refusal {
-                reason: if unregistered.is_empty() { Reason::NoAudienceGranted } else { Reason::AudienceNotRegistered },
-                message: if unregistered.is_empty() {
-                    format!("none of the requested audiences {:?} may be used", spec.audiences)
-                } else {
-                    format!(
-                        "none of the requested audiences {:?} may be used: {}",
-                        spec.audiences,
-                        unregistered.join("; ")
-                    )
-                },
-                denied_scopes,
-            });
-        }
-        let all_denied =
-            !denied_scopes.is_empty() && denied_scopes.iter().all(|d| d.reason == scope_reason::DENIED_BY_GRANT);
-        let reason = if all_denied { Reason::DeniedByGrant } else { Reason::NoScopesGranted };
-        return Decision::Denied(Refusal {
-            reason,
-            message: format!(
-                "none of the requested scopes may be held for any audience: {}",
-                summarise(&denied_scopes)
-            ),
-            denied_scopes,
-        });
-    }
+    let (authority, denied_scopes) = intersect(&Pairs {
+        requested: &requested,
+        audiences: &spec.audiences,
+        ceiling: &ceiling,
+        agent,
+        registered,
+        namespace,
+        parent: parent_auth,
+        allows: &allows,
+        denies: &denies,
+    })?;
     let mut effective: Vec<Scope> = authority.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
     scope::minimise(&mut effective);
     let audiences: Vec<String> = authority.iter().map(|(a, _)| a.clone()).collect();
@@ -657,7 +451,7 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
     let mut grant_names: Vec<String> = contributing.iter().map(|g| g.name.to_string()).collect();
     grant_names.sort();
 
-    Decision::Authorized(Authorization {
+    Ok(Authorization {
         identity,
         authority,
         scopes: effective,
@@ -670,6 +464,314 @@ pub fn authorize<G: Borrow<DelegationGrant>>(input: Input<'_, G>) -> Decision {
         delegation_chain: chain,
         remaining_delegation_depth: depth,
     })
+}
+
+/// A run's authority: for each audience, the scopes held there.
+type Held = Vec<(String, Vec<Scope>)>;
+
+/// What the authority of a run is made from (5.).
+struct Pairs<'a, 'g> {
+    requested: &'a [Scope],
+    audiences: &'a [String],
+    ceiling: &'a [Scope],
+    agent: &'a Agent,
+    registered: &'a Registrations,
+    namespace: &'a str,
+    parent: Option<&'a Authorization>,
+    allows: &'a [ParsedGrant<'g>],
+    denies: &'a [ParsedGrant<'g>],
+}
+
+/// Step 5: Authority, per audience: requested ∩ ceiling ∩ ResourceServer(a) ∩ ⋃{Allow g : a ∈ g.audiences} −
+///    ⋃{Deny d : a ∈ d.audiences or d names none} (∩ the parent's for a). Grants add up as
+///    pairs, never as (all their scopes) × (all their audiences).
+fn intersect(p: &Pairs<'_, '_>) -> Result<(Held, Vec<DeniedScope>), Refusal> {
+    let mut requested_audiences: Vec<&String> = p.audiences.iter().collect();
+    requested_audiences.sort();
+    requested_audiences.dedup();
+    let mut authority: Vec<(String, Vec<Scope>)> = vec![];
+    // For each requested scope, how far it got for any audience (to say why it was dropped).
+    let mut furthest = vec![Reached::Nothing; p.requested.len()];
+    // Whether any audience was left to hold scopes at all.
+    let mut scoped_any = false;
+    // Why an audience the Agent may use is not registered here (for the refusal's message).
+    let mut unregistered = vec![];
+    for a in requested_audiences {
+        if !p.agent.spec.audiences.contains(a) {
+            continue;
+        }
+        // Only the audience's owners decide which namespaces may be given tokens for it.
+        let server_scopes = match p.registered.get(a) {
+            Ok(r) => &r.scopes,
+            Err(why) => {
+                unregistered.push(why.explain(a, p.namespace));
+                continue;
+            }
+        };
+        // A sub-agent may use only its parent's audiences, with at most its scopes there.
+        let parent_scopes: Option<&[Scope]> = match p.parent {
+            Some(pa) => match pa.authority.iter().find(|(pa, _)| pa == a) {
+                Some((_, held)) => Some(held),
+                None => continue,
+            },
+            None => None,
+        };
+        let granted: Vec<Scope> =
+            p.allows.iter().filter(|g| g.audiences.contains(a)).flat_map(|g| g.scopes.iter().cloned()).collect();
+        if granted.is_empty() {
+            continue;
+        }
+        let denies_a: Vec<&ParsedGrant<'_>> =
+            p.denies.iter().filter(|d| d.audiences.is_empty() || d.audiences.contains(a)).collect();
+        if denies_a.iter().any(|d| d.scopes.is_empty()) {
+            // A Deny grant with no scopes takes the whole audience away.
+            continue;
+        }
+        scoped_any = true;
+        let mut held = vec![];
+        for (i, r) in p.requested.iter().enumerate() {
+            let mut step = scope::intersect_sets(std::slice::from_ref(r), p.ceiling);
+            let mut stage = Reached::Nothing;
+            if !step.is_empty() {
+                step = scope::intersect_sets(&step, server_scopes);
+                stage = Reached::Ceiling;
+            }
+            if !step.is_empty() {
+                step = scope::intersect_sets(&step, &granted);
+                stage = Reached::Server;
+            }
+            if !step.is_empty() {
+                step.retain(|s| !denies_a.iter().any(|d| d.scopes.iter().any(|x| s.overlaps(x))));
+                stage = Reached::Grant;
+            }
+            if let (false, Some(ps)) = (step.is_empty(), parent_scopes) {
+                step = scope::intersect_sets(&step, ps);
+                stage = Reached::Deny;
+            }
+            furthest[i] = furthest[i].max(if step.is_empty() { stage } else { Reached::Held });
+            held.extend(step);
+        }
+        scope::minimise(&mut held);
+        if !held.is_empty() {
+            authority.push((a.clone(), held));
+        }
+    }
+    let mut denied_scopes = vec![];
+    for (r, f) in p.requested.iter().zip(&furthest) {
+        let why = match f {
+            Reached::Held => continue,
+            Reached::Nothing => scope_reason::NOT_IN_AGENT_CEILING,
+            Reached::Ceiling => scope_reason::NOT_REGISTERED,
+            Reached::Server => scope_reason::NOT_GRANTED,
+            Reached::Grant => scope_reason::DENIED_BY_GRANT,
+            Reached::Deny => scope_reason::NOT_HELD_BY_PARENT,
+        };
+        denied_scopes.push(DeniedScope { scope: r.to_string(), reason: why.to_string() });
+    }
+    if authority.is_empty() {
+        if !scoped_any {
+            return Err(Refusal {
+                reason: if unregistered.is_empty() { Reason::NoAudienceGranted } else { Reason::AudienceNotRegistered },
+                message: if unregistered.is_empty() {
+                    format!("none of the requested audiences {:?} may be used", p.audiences)
+                } else {
+                    format!(
+                        "none of the requested audiences {:?} may be used: {}",
+                        p.audiences,
+                        unregistered.join("; ")
+                    )
+                },
+                denied_scopes,
+            });
+        }
+        let all_denied =
+            !denied_scopes.is_empty() && denied_scopes.iter().all(|d| d.reason == scope_reason::DENIED_BY_GRANT);
+        let reason = if all_denied { Reason::DeniedByGrant } else { Reason::NoScopesGranted };
+        return Err(Refusal {
+            reason,
+            message: format!(
+                "none of the requested scopes may be held for any audience: {}",
+                summarise(&denied_scopes)
+            ),
+            denied_scopes,
+        });
+    }
+    Ok((authority, denied_scopes))
+}
+
+/// What the run asks for, from its own spec (1.).
+struct Asked {
+    requested: Vec<Scope>,
+    ttl: Option<SignedDuration>,
+    max_duration: SignedDuration,
+}
+
+/// Step 1: The run's own spec, and where it is.
+fn check_run(run: &AgentRun, policy: &Policy) -> Result<Asked, Refusal> {
+    let spec = &run.spec;
+    let namespace = run.metadata.namespace.as_deref().unwrap_or("default");
+    let run_name = run.metadata.name.as_deref().unwrap_or("");
+    let requested = match scope::parse_all(&spec.scopes) {
+        Ok(s) if !s.is_empty() => s,
+        Ok(_) => return Err(refuse(Reason::InvalidSpec, "spec.scopes is empty")),
+        Err(e) => return Err(refuse(Reason::InvalidSpec, format!("spec.scopes: {e}"))),
+    };
+    if spec.audiences.is_empty() || spec.audiences.iter().any(|a| a.is_empty()) {
+        return Err(refuse(Reason::InvalidSpec, "spec.audiences must name at least one non-empty audience"));
+    }
+    let ttl = match spec.token_ttl.as_deref().map(duration::parse).transpose() {
+        Ok(t) => t,
+        Err(e) => return Err(refuse(Reason::InvalidSpec, format!("spec.tokenTTL: {e}"))),
+    };
+    let max_duration = match duration::parse(&spec.max_duration) {
+        Ok(d) => d,
+        Err(e) => return Err(refuse(Reason::InvalidSpec, format!("spec.maxDuration: {e}"))),
+    };
+    if run_name.len() > MAX_RUN_NAME {
+        // Children are named `deputy-run-<run>`; a longer name would have to be shortened, and
+        // a shortened name can be chosen to equal another run's.
+        return Err(refuse(Reason::InvalidSpec, format!("the run's name is longer than {MAX_RUN_NAME} characters")));
+    }
+    if let Some(e) = spec.env.iter().find(|e| e.name.starts_with("DEPUTY_")) {
+        return Err(refuse(Reason::InvalidSpec, format!("spec.env: {:?} is reserved for Deputy", e.name)));
+    }
+    if policy.deputy_namespace.as_deref() == Some(namespace) {
+        return Err(refuse(
+            Reason::ReservedNamespace,
+            format!("runs in Deputy's own namespace {namespace:?} are refused (it holds the signing keys)"),
+        ));
+    }
+
+    Ok(Asked { requested, ttl, max_duration })
+}
+
+/// What the Agent allows every run of it (2.).
+struct AgentBounds<'a> {
+    agent: &'a Agent,
+    ceiling: Vec<Scope>,
+    ttl: SignedDuration,
+}
+
+/// Step 2: The Agent the run names: it exists, is not being deleted, and its spec is sound.
+fn check_agent<'a>(agent: Option<&'a Agent>, spec: &AgentRunSpec, namespace: &str) -> Result<AgentBounds<'a>, Refusal> {
+    let Some(agent) = agent else {
+        return Err(refuse(
+            Reason::AgentNotFound,
+            format!("Agent {:?} does not exist in namespace {namespace}", spec.agent),
+        ));
+    };
+    if agent.metadata.deletion_timestamp.is_some() {
+        return Err(refuse(Reason::AgentDeleted, format!("Agent {:?} is being deleted", spec.agent)));
+    }
+    let ceiling = match scope::parse_all(&agent.spec.scopes) {
+        Ok(s) => s,
+        Err(e) => return Err(refuse(Reason::InvalidAgent, format!("Agent {:?} spec.scopes: {e}", spec.agent))),
+    };
+    let agent_ttl = match duration::parse(&agent.spec.max_token_ttl) {
+        Ok(d) => d,
+        Err(e) => return Err(refuse(Reason::InvalidAgent, format!("Agent {:?} spec.maxTokenTTL: {e}", spec.agent))),
+    };
+    if let Err(e) = template_images(&agent.spec.template) {
+        return Err(refuse(Reason::InvalidAgent, format!("Agent {:?} spec.{e}", spec.agent)));
+    }
+
+    Ok(AgentBounds { agent, ceiling, ttl: agent_ttl })
+}
+
+/// Step 3: the parent, for a sub-agent run: it is authorised, live, acts for the same
+/// principal and may delegate further. Its authority (decided afresh, never read from its status).
+fn check_parent<'a>(spec: &AgentRunSpec, parent: Option<Parent<'a>>) -> Result<Option<&'a Authorization>, Refusal> {
+    let Some(parent_name) = spec.parent_run.as_deref() else { return Ok(None) };
+    let Some(parent) = parent else {
+        return Err(refuse(Reason::ParentNotFound, format!("parent run {parent_name:?} does not exist")));
+    };
+    let phase = parent.run.status.as_ref().and_then(|s| s.phase).unwrap_or(RunPhase::Pending);
+    let ended = parent.run.metadata.deletion_timestamp.is_some()
+        || parent.run.status.as_ref().is_some_and(|s| s.completed_at.is_some() || s.revoked_at.is_some());
+    if phase == RunPhase::Pending && !ended {
+        return Err(refuse(Reason::ParentPending, format!("parent run {parent_name:?} is not authorised yet")));
+    }
+    if !is_live_record(parent.run) {
+        return Err(refuse(Reason::ParentNotActive, format!("parent run {parent_name:?} is not active")));
+    }
+    if parent.run.spec.principal != spec.principal {
+        return Err(refuse(
+            Reason::ParentPrincipalMismatch,
+            format!("parent run {parent_name:?} acts for {:?}, not {:?}", parent.run.spec.principal, spec.principal),
+        ));
+    }
+    let pa = match parent.decision {
+        Decision::Authorized(a) => a,
+        Decision::Denied(r) => {
+            return Err(refuse(
+                Reason::ParentNotActive,
+                format!("parent run {parent_name:?} no longer holds authority ({})", r.reason.as_str()),
+            ));
+        }
+    };
+    if pa.remaining_delegation_depth == 0 {
+        return Err(refuse(
+            Reason::DelegationDepthExceeded,
+            format!("parent run {parent_name:?} may not delegate further (maxDelegationDepth reached)"),
+        ));
+    }
+    Ok(Some(pa))
+}
+
+/// Step 4: the grants for (principal, agent) in force now: the Allows and the Denies. A
+/// blanket Deny, a malformed Deny (fail closed), or no Allow in force refuses the run.
+fn grants_in_force<'g, G: Borrow<DelegationGrant>>(
+    grants: &'g [G],
+    spec: &AgentRunSpec,
+    now: Timestamp,
+) -> Result<(Vec<ParsedGrant<'g>>, Vec<ParsedGrant<'g>>), Refusal> {
+    let mut allows = vec![];
+    let mut denies = vec![];
+    let (mut not_yet, mut expired) = (false, false);
+    for g in grants {
+        let g: &DelegationGrant = g.borrow();
+        if g.spec.principal != spec.principal || g.spec.agent != spec.agent || g.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        match (parse_grant(g, now), g.spec.effect) {
+            (Ok((p, GrantTime::InForce { .. })), Effect::Allow) => allows.push(p),
+            (Ok((p, GrantTime::InForce { .. })), Effect::Deny) => denies.push(p),
+            (Ok((_, GrantTime::NotYet { .. })), Effect::Allow) => not_yet = true,
+            (Ok((_, GrantTime::Expired)), Effect::Allow) => expired = true,
+            (Ok(_), Effect::Deny) => {}
+            (Err(_), Effect::Allow) => {}
+            (Err(e), Effect::Deny) => {
+                let name = g.metadata.name.as_deref().unwrap_or("");
+                return Err(refuse(
+                    Reason::InvalidDenyGrant,
+                    format!("Deny grant {name:?} is malformed ({e}); failing closed"),
+                ));
+            }
+        }
+    }
+    if let Some(d) = denies.iter().find(|d| d.scopes.is_empty() && d.audiences.is_empty()) {
+        return Err(refuse(
+            Reason::DeniedByGrant,
+            format!("grant {:?} denies {} the use of agent {:?}", d.name, spec.principal, spec.agent),
+        ));
+    }
+    if allows.is_empty() {
+        let (reason, what) = if not_yet {
+            (Reason::GrantNotYetValid, "is not in force yet")
+        } else if expired {
+            (Reason::GrantExpired, "has expired")
+        } else {
+            (Reason::NoGrant, "exists")
+        };
+        let msg = if reason == Reason::NoGrant {
+            format!("no Allow grant for principal {:?} and agent {:?} exists", spec.principal, spec.agent)
+        } else {
+            format!("every Allow grant for principal {:?} and agent {:?} {what}", spec.principal, spec.agent)
+        };
+        return Err(refuse(reason, msg));
+    }
+
+    Ok((allows, denies))
 }
 
 /// How far a requested scope got through the intersection for one audience: past the Agent's

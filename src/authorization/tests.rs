@@ -929,3 +929,29 @@ fn the_resource_servers_scopes_are_a_ceiling_per_audience() {
         [DeniedScope { scope: "compliance:privacy:check".into(), reason: scope_reason::NOT_REGISTERED.into() }]
     );
 }
+
+#[test]
+fn a_grants_window_opens_at_not_before_and_closes_at_expires_at() {
+    let t = |s: &str| s.parse::<Timestamp>().unwrap();
+    let spec = |nb: Option<&str>, exp: Option<&str>| crate::resources::DelegationGrantSpec {
+        not_before: nb.map(str::to_string),
+        expires_at: exp.map(str::to_string),
+        ..grant("g", Effect::Allow, &["a:b"], &["svc"]).spec
+    };
+    let (nb, exp) = ("2026-11-23T12:00:00Z", "2026-11-23T13:00:00Z");
+    let cases = [
+        (spec(None, None), "2026-11-23T11:00:00Z", GrantTime::InForce { until: None }),
+        (spec(Some(nb), Some(exp)), "2026-11-23T11:59:59Z", GrantTime::NotYet { from: t(nb) }),
+        // notBefore is inclusive, expiresAt exclusive.
+        (spec(Some(nb), Some(exp)), nb, GrantTime::InForce { until: Some(t(exp)) }),
+        (spec(Some(nb), Some(exp)), "2026-11-23T12:59:59Z", GrantTime::InForce { until: Some(t(exp)) }),
+        (spec(Some(nb), Some(exp)), exp, GrantTime::Expired),
+        (spec(None, Some(exp)), "2026-11-24T00:00:00Z", GrantTime::Expired),
+    ];
+    for (spec, now, want) in cases {
+        assert_eq!(grant_window(&spec, t(now)), Ok(want), "{now} in {:?}..{:?}", spec.not_before, spec.expires_at);
+    }
+    assert_eq!(GrantTime::NotYet { from: t(nb) }.next_change(), Some(t(nb)));
+    assert_eq!(GrantTime::Expired.next_change(), None);
+    assert!(grant_window(&spec(Some("tomorrow"), None), t(nb)).is_err());
+}

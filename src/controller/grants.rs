@@ -15,16 +15,16 @@ use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 
 use super::{Context, MANAGER, StatusTrigger};
+use crate::authorization::{GrantTime, grant_window};
 use crate::resources::{
     AgentStatus, Condition, DelegationGrant, DelegationGrantStatus, Effect, GrantPhase, RunPhase, set_condition,
 };
 
 /// The phase of a grant at `now`, and when it next changes.
 pub fn grant_phase(g: &DelegationGrant, now: Timestamp) -> (GrantPhase, Option<Timestamp>, Option<String>) {
-    let parse = |s: &Option<String>| s.as_deref().map(|t| t.parse::<Timestamp>()).transpose();
-    let (nb, exp) = match (parse(&g.spec.not_before), parse(&g.spec.expires_at)) {
-        (Ok(nb), Ok(exp)) => (nb, exp),
-        (Err(e), _) | (_, Err(e)) => return (GrantPhase::Invalid, None, Some(format!("malformed time: {e}"))),
+    let window = match grant_window(&g.spec, now) {
+        Ok(w) => w,
+        Err(e) => return (GrantPhase::Invalid, None, Some(format!("malformed time: {e}"))),
     };
     for (field, v) in [("maxTokenTTL", &g.spec.max_token_ttl), ("maxRunDuration", &g.spec.max_run_duration)] {
         if let Some(Err(e)) = v.as_deref().map(crate::duration::parse) {
@@ -34,11 +34,12 @@ pub fn grant_phase(g: &DelegationGrant, now: Timestamp) -> (GrantPhase, Option<T
     if let Err(e) = crate::scope::parse_all(&g.spec.scopes) {
         return (GrantPhase::Invalid, None, Some(e.to_string()));
     }
-    match (nb, exp) {
-        (Some(nb), _) if now < nb => (GrantPhase::Pending, Some(nb), None),
-        (_, Some(exp)) if now >= exp => (GrantPhase::Expired, None, None),
-        (_, exp) => (GrantPhase::Active, exp, None),
-    }
+    let phase = match window {
+        GrantTime::NotYet { .. } => GrantPhase::Pending,
+        GrantTime::InForce { .. } => GrantPhase::Active,
+        GrantTime::Expired => GrantPhase::Expired,
+    };
+    (phase, window.next_change(), None)
 }
 
 fn active_runs(ctx: &Context, ns: &str, pred: impl Fn(&crate::resources::AgentRun) -> bool) -> u32 {

@@ -778,10 +778,7 @@ fn next_grant_change(run: &AgentRun, ctx: &Context, now: Timestamp) -> Option<Ti
         .state()
         .iter()
         .filter(|g| g.namespace() == ns && g.spec.principal == run.spec.principal && g.spec.agent == run.spec.agent)
-        .flat_map(|g| [g.spec.not_before.clone(), g.spec.expires_at.clone()])
-        .flatten()
-        .filter_map(|t| t.parse::<Timestamp>().ok())
-        .filter(|t| *t > now)
+        .filter_map(|g| authorization::grant_window(&g.spec, now).ok()?.next_change())
         .min()
 }
 
