@@ -53,7 +53,9 @@ async fn the_leader_hands_over_without_minting_twice() {
     env.apply_value(run).await;
     env.wait_phase("after-failover", "Authorized", Duration::from_secs(30)).await;
     let took = killed_at.elapsed();
-    assert!(took < Duration::from_secs(25), "hand-over took {took:?} (lease 15 s)");
+    // The lease is 4 s (support::LEASE_DURATION): the follower takes it within about that,
+    // then reconciles.
+    assert!(took < Duration::from_secs(12), "hand-over took {took:?} (lease 4 s)");
     let new_holder = holder(&leases.get("deputy-controller").await.unwrap()).unwrap();
     assert_ne!(new_holder, leader, "the follower took the lease");
 

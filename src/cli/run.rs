@@ -71,6 +71,13 @@ pub struct RunArgs {
     /// reconciles; every replica serves tokens.
     #[arg(long = "leader-election-lease", env = "DEPUTY_LEASE", default_value = "deputy-controller")]
     pub lease: String,
+    /// How long a leader's Lease lasts without renewal: the longest hand-over after a leader
+    /// dies. It renews a third of this before the end.
+    #[arg(long = "leader-election-lease-duration", env = "DEPUTY_LEASE_DURATION", default_value = "15s")]
+    pub lease_duration: String,
+    /// How often the TLS files are checked for a change (they are reloaded when they change).
+    #[arg(long, env = "DEPUTY_TLS_RELOAD_INTERVAL", default_value = "5s")]
+    pub tls_reload_interval: String,
     /// How many runs are reconciled at once (0: unbounded).
     #[arg(long, env = "DEPUTY_MAX_CONCURRENT_RECONCILES", default_value_t = 32)]
     pub max_concurrent_reconciles: u16,
@@ -117,6 +124,10 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         deputy_namespace: Some(args.namespace.clone()),
     };
     let rotation = dur("key-rotation", &args.key_rotation)?;
+    let lease_seconds = lease_seconds(&args.lease_duration)?;
+    let reload_every = dur("tls-reload-interval", &args.tls_reload_interval)?
+        .unsigned_abs()
+        .max(std::time::Duration::from_millis(100));
     // A retired key stays published this long: the longest token plus the verifiers' leeway.
     let lifetime = policy.max_token_ttl
         + jiff::SignedDuration::from_secs(i64::try_from(crate::tokens::verify::DEFAULT_LEEWAY_SECS).unwrap_or(30));
@@ -245,8 +256,9 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
     let router = server::router(state.clone());
     let token_task = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
-            let resolver =
-                Arc::new(server::tls::ReloadingCert::new(cert.clone(), key.clone()).map_err(|e| e.to_string())?);
+            let resolver = Arc::new(
+                server::tls::ReloadingCert::new(cert.clone(), key.clone(), reload_every).map_err(|e| e.to_string())?,
+            );
             let cfg = server::tls::server_config(resolver);
             tokio::spawn(server::tls::serve(listener, cfg, router, shutdown_signal(stop_rx.clone())))
         }
@@ -268,8 +280,8 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
     let lease = LeaseManagerBuilder::new(client.clone(), &args.lease)
         .with_namespace(&args.namespace)
         .with_identity(&identity)
-        .with_duration(LEASE_SECONDS)
-        .with_grace(LEASE_GRACE_SECONDS)
+        .with_duration(lease_seconds)
+        .with_grace((lease_seconds / 3).max(1))
         .build()
         .await
         .map_err(|e| format!("leader election on Lease {}/{}: {e}", args.namespace, args.lease))?;
@@ -333,10 +345,15 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Seconds a leader's lease lasts without renewal (the hand-over bound), and the grace before
-/// its end in which the holder renews.
-const LEASE_SECONDS: u64 = 15;
-const LEASE_GRACE_SECONDS: u64 = 5;
+/// The lease duration in whole seconds: at least 2 (so that the renewal, a third before the
+/// end, comes after the lease was taken).
+fn lease_seconds(v: &str) -> Result<u64, String> {
+    let d = dur("leader-election-lease-duration", v)?;
+    match u64::try_from(d.as_secs()) {
+        Ok(s) if s >= 2 => Ok(s),
+        _ => Err(format!("--leader-election-lease-duration: {v} is shorter than 2s")),
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 fn spawn_key_rotation(

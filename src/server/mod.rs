@@ -1,6 +1,7 @@
 //! The token endpoint (RFC 8693 exchange, RFC 7662 introspection, RFC 7009 revocation,
 //! discovery and JWKS) and the admin endpoints (probes and metrics), on separate listeners.
 
+pub mod exchange;
 pub mod oauth;
 pub mod review;
 pub mod tls;
@@ -28,18 +29,17 @@ use crate::audit::{Action as AuditAction, Record};
 use crate::metrics::Metrics;
 use crate::registration::Registrations;
 use crate::resources::{AgentRun, ResourceServer};
-use crate::runs::contract::{GRANT_TYPE_EXCHANGE, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT};
+use crate::runs::contract::GRANT_TYPE_EXCHANGE;
 use crate::runs::{self, PodPhase, REVOKE_ANNOTATION, is_live, run_of};
-use crate::scope::{self, Scope};
 use crate::signing::KeyStore;
-use crate::tokens::{Audience, Claims};
+use crate::tokens::Claims;
+use exchange::{Grounds, Request};
 use oauth::{ErrorCode, Form, OAuthError, bearer, invalid_request};
 use review::{ReviewError, Reviewer};
 
 /// The largest request body accepted on any endpoint.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// The longest lifetime of an exchanged token.
-pub const MAX_EXCHANGED_TTL_SECS: i64 = 300;
+pub use exchange::MAX_EXCHANGED_TTL_SECS;
 /// Everything the handlers share.
 pub struct EndpointState {
     pub keys: Arc<KeyStore>,
@@ -216,161 +216,49 @@ async fn token(
 }
 
 /// RFC 8693 token exchange. Returns the response and the new token's claims, or the error
-/// and (when the subject token verified) its claims for the audit line.
+/// and (when the subject token verified) its claims for the audit line. The decision itself
+/// is `exchange::grant`; this verifies, reviews, reads the caches and signs around it.
 pub async fn exchange(
     s: &EndpointState,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(ExchangeResponse, Claims), (OAuthError, Option<Claims>)> {
     let form = Form::parse(content_type(headers), body).map_err(|e| (e, None))?;
-    let grant_type = form.require("grant_type").map_err(|e| (e, None))?;
-    if grant_type != GRANT_TYPE_EXCHANGE {
-        return Err((
-            OAuthError::new(ErrorCode::UnsupportedGrantType, format!("grant_type must be {GRANT_TYPE_EXCHANGE}")),
-            None,
-        ));
-    }
-    let subject_token = form.require("subject_token").map_err(|e| (e, None))?;
-    let subject_type = form.require("subject_token_type").map_err(|e| (e, None))?;
-    if subject_type != TOKEN_TYPE_JWT && subject_type != TOKEN_TYPE_ACCESS {
-        return Err((invalid_request("subject_token_type must be the jwt or access_token token type"), None));
-    }
-    let actor_token = form.require("actor_token").map_err(|e| (e, None))?;
-    if form.require("actor_token_type").map_err(|e| (e, None))? != TOKEN_TYPE_JWT {
-        return Err((invalid_request("actor_token_type must be urn:ietf:params:oauth:token-type:jwt"), None));
-    }
-    let issued_type = match form.get("requested_token_type") {
-        None | Some(TOKEN_TYPE_ACCESS) => TOKEN_TYPE_ACCESS,
-        Some(TOKEN_TYPE_JWT) => TOKEN_TYPE_JWT,
-        Some(_) => {
-            return Err((invalid_request("requested_token_type must be the access_token or jwt token type"), None));
-        }
-    };
-    let targets: Vec<&str> = form.all("audience").into_iter().chain(form.all("resource")).collect();
+    let req = Request::parse(&form).map_err(|e| (e, None))?;
 
     // The subject token: ours, valid now.
     let keys = s.keys.get();
     let subject = keys
-        .verify_any_audience(subject_token)
+        .verify_any_audience(req.subject_token)
         .map_err(|e| (OAuthError::new(ErrorCode::InvalidGrant, format!("subject_token: {e}")), None))?;
     let fail = |err: OAuthError| (err, Some(subject.clone()));
+    let not_active = || fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run is not active"));
 
     // Its run must be active at this moment.
     let run = run_of(&s.runs, &subject)
         .ok_or_else(|| fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run does not exist")))?;
     if !is_live(&s.pods, &run) {
-        return Err(fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run is not active")));
+        return Err(not_active());
     }
-
     // The actor: the pod of that very run.
-    authenticate_actor(s, actor_token, &run).await.map_err(fail)?;
+    authenticate_actor(s, req.actor_token, &run).await.map_err(fail)?;
     // The review awaited the API server: the run may have ended meanwhile. Look again, and
     // decide on what the run is now.
-    let run = run_of(&s.runs, &subject)
-        .filter(|r| is_live(&s.pods, r))
-        .ok_or_else(|| fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's run is not active")))?;
+    let run = run_of(&s.runs, &subject).filter(|r| is_live(&s.pods, r)).ok_or_else(not_active)?;
     let status = run.status.clone().unwrap_or_default();
-
-    // One audience, granted to the run and carried by the subject token.
-    let audience = match targets.as_slice() {
-        [one] => one.to_string(),
-        // Without a target: the one audience the subject token may be exchanged for.
-        [] => match (&subject.aud, subject.authority.len()) {
-            (_, 1) => subject.authority.keys().next().cloned().unwrap_or_default(),
-            (Audience::One(a), 0) if *a != s.issuer => a.clone(),
-            _ => {
-                return Err(fail(OAuthError::new(
-                    ErrorCode::InvalidTarget,
-                    "name the audience (or resource) of the new token",
-                )));
-            }
-        },
-        _ => {
-            let uniq: std::collections::BTreeSet<&&str> = targets.iter().collect();
-            if uniq.len() != 1 {
-                return Err(fail(OAuthError::new(
-                    ErrorCode::InvalidTarget,
-                    "an exchanged token is bound to exactly one audience",
-                )));
-            }
-            targets[0].to_string()
-        }
-    };
-    // The subject token says, signed, which scopes the run holds for which audience: only
-    // those pairs are ever exchanged for.
-    let Some(held_here) = subject.scopes_for(&audience).filter(|_| status.granted_audiences.contains(&audience)) else {
-        return Err(fail(OAuthError::new(
-            ErrorCode::InvalidTarget,
-            format!("audience {audience:?} is not granted to this run"),
-        )));
-    };
-    let held = scope::parse_all(&held_here)
-        .map_err(|_| fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token's scope is malformed")))?;
-    let run_held = scope::parse_all(&status.granted_scopes).unwrap_or_default();
-    let wanted: Vec<Scope> = match form.get("scope") {
-        None => held.clone(),
-        Some(s) => {
-            let parsed = s.split(' ').filter(|x| !x.is_empty()).map(Scope::parse).collect::<Result<Vec<_>, _>>();
-            parsed.map_err(|e| fail(OAuthError::new(ErrorCode::InvalidScope, e.to_string())))?
-        }
-    };
-    if wanted.is_empty() {
-        return Err(fail(OAuthError::new(ErrorCode::InvalidScope, "no scope requested")));
-    }
-    if let Some(extra) = wanted.iter().find(|w| !scope::covered_by(w, &held) || !scope::covered_by(w, &run_held)) {
-        return Err(fail(OAuthError::new(
-            ErrorCode::InvalidScope,
-            format!("scope {extra} is not held for audience {audience:?}"),
-        )));
-    }
-    // The audience's owners, now: registered for the run's namespace, with these scopes.
     let ns = run.namespace().unwrap_or_default();
     let labels = s.namespaces.get(&ObjectRef::new(&ns)).and_then(|n| n.metadata.labels.clone());
     let registrations = Registrations::for_namespace(&s.resource_servers.state(), &ns, labels.as_ref());
-    let registration = registrations
-        .get(&audience)
-        .map_err(|why| fail(OAuthError::new(ErrorCode::InvalidTarget, why.explain(&audience, &ns))))?;
-    if let Some(extra) = wanted.iter().find(|w| !scope::covered_by(w, &registration.scopes)) {
-        return Err(fail(OAuthError::new(
-            ErrorCode::InvalidScope,
-            format!("scope {extra} is not registered for audience {audience:?}"),
-        )));
-    }
-    if registration.require_dpop {
-        // Fail closed until proofs are accepted: a token for this audience must be bound.
-        return Err(fail(invalid_request(format!(
-            "audience {audience:?} requires a DPoP proof (RFC 9449), which this Deputy does not accept yet"
-        ))));
-    }
-    let mut granted = wanted;
-    scope::minimise(&mut granted);
-
-    // Lifetime: ≤ 5 minutes, ≤ the subject token, ≤ the run's deadline, ≤ the audience's
-    // maxTokenTTL.
-    let now = Timestamp::now().as_second();
-    let ttl = registration.max_token_ttl.map_or(MAX_EXCHANGED_TTL_SECS, |t| t.as_secs().min(MAX_EXCHANGED_TTL_SECS));
-    let mut exp = (now + ttl).min(subject.exp);
-    if let Some(deadline) = status.deadline {
-        exp = exp.min(deadline.as_second());
-    }
-    if exp <= now {
-        return Err(fail(OAuthError::new(ErrorCode::InvalidGrant, "the subject token or the run expires now")));
-    }
-    let claims = Claims {
-        iss: s.issuer.clone(),
-        sub: subject.sub.clone(),
-        aud: Audience::One(audience),
-        client_id: subject.client_id.clone(),
-        scope: scope::to_claim(&granted),
-        act: subject.act.clone(),
-        run: subject.run.clone(),
-        task: subject.task.clone(),
-        iat: now,
-        nbf: now,
-        exp,
+    let grounds = Grounds {
+        subject: &subject,
+        status: &status,
+        registrations: &registrations,
+        namespace: &ns,
+        issuer: &s.issuer,
+        now: Timestamp::now().as_second(),
         jti: uuid::Uuid::new_v4().to_string(),
-        authority: Default::default(),
     };
+    let claims = exchange::grant(&req, &grounds).map_err(fail)?;
     let token = keys.set.active().sign(&claims).map_err(|e| {
         fail(OAuthError::new(ErrorCode::InvalidRequest, e.to_string()).with_status(StatusCode::SERVICE_UNAVAILABLE))
     })?;
@@ -378,9 +266,9 @@ pub async fn exchange(
     Ok((
         ExchangeResponse {
             access_token: token,
-            issued_token_type: issued_type,
+            issued_token_type: req.issued_type,
             token_type: "Bearer",
-            expires_in: exp - now,
+            expires_in: claims.exp - claims.iat,
             scope: claims.scope.clone(),
         },
         claims,

@@ -11,7 +11,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// How often the files' modification times are checked, at most.
-const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -53,6 +52,8 @@ struct Current {
 pub struct ReloadingCert {
     cert: PathBuf,
     key: PathBuf,
+    /// How often the files' modification times are checked.
+    every: Duration,
     current: RwLock<Current>,
 }
 
@@ -63,14 +64,19 @@ impl std::fmt::Debug for ReloadingCert {
 }
 
 impl ReloadingCert {
-    pub fn new(cert: PathBuf, key: PathBuf) -> Result<ReloadingCert, TlsError> {
+    pub fn new(cert: PathBuf, key: PathBuf, every: Duration) -> Result<ReloadingCert, TlsError> {
         let loaded = load(&cert, &key)?;
         let stamps = (mtime(&cert), mtime(&key));
-        Ok(ReloadingCert { cert, key, current: RwLock::new(Current { key: loaded, stamps, checked: Instant::now() }) })
+        Ok(ReloadingCert {
+            cert,
+            key,
+            every,
+            current: RwLock::new(Current { key: loaded, stamps, checked: Instant::now() }),
+        })
     }
 
     fn maybe_reload(&self) {
-        let due = self.current.read().map(|c| c.checked.elapsed() >= CHECK_EVERY).unwrap_or(false);
+        let due = self.current.read().map(|c| c.checked.elapsed() >= self.every).unwrap_or(false);
         if !due {
             return;
         }

@@ -780,7 +780,8 @@ def check_render(label: str, values_file: str, crds: dict, expected_rbac: list) 
         flags[m.group(1)] = m.group(2)
     known = {"issuer", "token-endpoint", "trust-domain", "namespace", "keys-secret", "signing-alg", "key-rotation",
              "max-token-ttl", "default-token-ttl", "max-run-duration", "listen", "admin-listen", "tls-cert",
-             "tls-key", "log-format", "leader-election-lease", "max-concurrent-reconciles"}
+             "tls-key", "log-format", "leader-election-lease", "leader-election-lease-duration",
+             "max-concurrent-reconciles"}
     check(f"{label}: only known `deputy run` flags", set(flags) <= known, str(sorted(set(flags) - known)))
     issuer = v["config"]["issuer"] or f"{'https' if tls else 'http'}://{fullname}.{NAMESPACE}.svc"
     check(f"{label}: --issuer {issuer}", flags.get("issuer") == issuer, str(flags.get("issuer")))
@@ -790,6 +791,8 @@ def check_render(label: str, values_file: str, crds: dict, expected_rbac: list) 
     check(f"{label}: --signing-alg / --key-rotation", flags.get("signing-alg") == v["signingKeys"]["algorithm"]
           and flags.get("key-rotation") == v["signingKeys"]["rotationInterval"])
     check(f"{label}: --leader-election-lease {lease}", flags.get("leader-election-lease") == lease)
+    check(f"{label}: --leader-election-lease-duration {v['leaderElection']['leaseDuration']}",
+          flags.get("leader-election-lease-duration") == v["leaderElection"]["leaseDuration"])
     check(f"{label}: --max-concurrent-reconciles {v['config']['maxConcurrentReconciles']}",
           flags.get("max-concurrent-reconciles") == str(v["config"]["maxConcurrentReconciles"]))
     check(f"{label}: --listen 8443, --admin-listen 9090",

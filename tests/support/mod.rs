@@ -77,6 +77,9 @@ impl Drop for Operator {
     }
 }
 
+/// The leader-election lease of every operator the suites start (production: 15 s).
+pub const LEASE_DURATION: &str = "4s";
+
 pub struct Env {
     /// The test API server (testapi backend only).
     pub api: Option<TestApiServer>,
@@ -230,6 +233,9 @@ impl Env {
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--namespace", &self.operator_ns])
             .args(["--instance", instance])
+            // Short fixed waits, so the suites do not sleep through production defaults.
+            .args(["--leader-election-lease-duration", LEASE_DURATION])
+            .args(["--tls-reload-interval", "1s"])
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,deputy=debug")
