@@ -154,6 +154,17 @@ impl TestApiServer {
         self.state().faults.insert(resource.to_string(), (n, code));
     }
 
+    /// Make watches of `resource` (a plural) see each event `delay` after it happened, as a
+    /// watch cache behind the API server does; `Duration::ZERO` ends it. Reads are not delayed.
+    pub fn delay_watch(&self, resource: &str, delay: std::time::Duration) {
+        let mut st = self.state();
+        if delay.is_zero() {
+            st.watch_delays.remove(resource);
+        } else {
+            st.watch_delays.insert(resource.to_string(), delay);
+        }
+    }
+
     /// Issue a service-account token directly (like a TokenRequest, but the service account
     /// need not exist yet; if it does, the token is bound to its current uid).
     pub fn issue_token(&self, spec: TokenSpec) -> String {

@@ -38,6 +38,8 @@ pub struct Event {
     pub object: Value,
     /// The previous state for MODIFIED (to turn selector transitions into ADDED/DELETED).
     pub old: Option<Value>,
+    /// When it happened (watches of a delayed resource deliver it later).
+    pub at: std::time::Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,9 @@ pub struct State {
     pub stats_by_agent: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
     /// resource (`plural` or `plural/sub`) -> (remaining, code).
     pub faults: HashMap<String, (u32, u16)>,
+    /// Watches of these resources (by plural) see each event only this long after it
+    /// happened: a watch cache lagging behind the API server, as under load.
+    pub watch_delays: HashMap<String, std::time::Duration>,
     pub tokens: HashMap<String, TokenEntry>,
     pub notify: watch::Sender<u64>,
 }
@@ -153,6 +158,7 @@ impl State {
             stats: BTreeMap::new(),
             stats_by_agent: BTreeMap::new(),
             faults: HashMap::new(),
+            watch_delays: HashMap::new(),
             tokens: HashMap::new(),
             notify,
         }
@@ -206,7 +212,14 @@ impl State {
         {
             self.compacted = e.rv;
         }
-        self.history.push_back(Event { rv: self.rv, res: key.res, typ, object: obj.clone(), old });
+        self.history.push_back(Event {
+            rv: self.rv,
+            res: key.res,
+            typ,
+            object: obj.clone(),
+            old,
+            at: std::time::Instant::now(),
+        });
         self.notify.send_replace(self.rv);
         obj
     }

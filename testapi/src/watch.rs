@@ -114,6 +114,8 @@ async fn run(shared: Shared, filter: Filter, opts: WatchOptions, tx: mpsc::Sende
     let Some((mut last, mut rx)) = start else { return };
     let mut tick = tokio::time::interval(opts.bookmark_interval);
     tick.tick().await;
+    // When the first event held back (of a delayed resource) is due.
+    let mut due: Option<tokio::time::Instant>;
     loop {
         rx.borrow_and_update();
         let batch: Option<Vec<bytes::Bytes>> = {
@@ -125,9 +127,18 @@ async fn run(shared: Shared, filter: Filter, opts: WatchOptions, tx: mpsc::Sende
             // The history is ordered by resourceVersion: start at the first event after
             // `last` rather than scanning all of it for every watcher on every change.
             let from = st.history.partition_point(|e| e.rv <= last);
+            // A delayed resource's events are held back until they are old enough (in order:
+            // nothing after the first one held back is sent yet).
+            let delay = st.watch_delays.get(&filter.res.plural).copied();
+            let now = std::time::Instant::now();
+            let held = delay.and_then(|d| {
+                st.history.range(from..).find(|e| e.res == res_key && e.at + d > now).map(|e| (e.rv, e.at + d))
+            });
+            due = held.map(|(_, at)| tokio::time::Instant::from_std(at));
             let out = st
                 .history
                 .range(from..)
+                .take_while(|e| held.is_none_or(|(rv, _)| e.rv < rv))
                 .filter(|e| e.res == res_key)
                 .filter_map(|e| {
                     let now = filter.matches(&e.object);
@@ -143,7 +154,10 @@ async fn run(shared: Shared, filter: Filter, opts: WatchOptions, tx: mpsc::Sende
                     Some(line(typ, filter.present(&e.object)))
                 })
                 .collect();
-            last = last.max(st.rv);
+            last = match held {
+                Some((rv, _)) => last.max(rv - 1),
+                None => last.max(st.rv),
+            };
             (!behind).then_some(out)
         };
         let Some(batch) = batch else {
@@ -156,8 +170,15 @@ async fn run(shared: Shared, filter: Filter, opts: WatchOptions, tx: mpsc::Sende
                 return;
             }
         }
+        let held_back = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
+            _ = held_back => {}
             _ = tick.tick() => {
                 if opts.bookmarks && tx.send(bookmark(&filter, last, false)).await.is_err() {
                     return;

@@ -139,6 +139,29 @@ async fn raw_watch_and_resume() {
     );
 }
 
+#[tokio::test]
+async fn a_delayed_watch_sees_each_event_late_and_in_order_while_reads_are_current() {
+    let (server, client) = setup().await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    let mut stream = api.watch(&WatchParams::default(), &server.resource_version().to_string()).await.unwrap().boxed();
+    server.delay_watch("configmaps", Duration::from_millis(700));
+    let started = std::time::Instant::now();
+    api.create(&PostParams::default(), &cm("late", &[])).await.unwrap();
+    api.patch("late", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "2"}}))).await.unwrap();
+    // A read is current at once.
+    assert_eq!(api.get("late").await.unwrap().data.unwrap()["k"], "2");
+    assert!(timeout(Duration::from_millis(300), stream.try_next()).await.is_err(), "nothing yet");
+    assert!(matches!(next(&mut stream).await, WatchEvent::Added(c) if c.name_any() == "late"));
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert!(matches!(next(&mut stream).await, WatchEvent::Modified(c) if c.data.as_ref().unwrap()["k"] == "2"));
+    // Ended: the next event is seen at once.
+    server.delay_watch("configmaps", Duration::ZERO);
+    let t = std::time::Instant::now();
+    api.delete("late", &DeleteParams::default()).await.unwrap();
+    assert!(matches!(next(&mut stream).await, WatchEvent::Deleted(_)));
+    assert!(t.elapsed() < Duration::from_millis(500));
+}
+
 async fn watcher_round_trip(config: watcher::Config) {
     let (_s, client) = setup().await;
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
