@@ -608,11 +608,27 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
 }
 
+/// Whether a condition holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+}
+
+impl ConditionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionStatus::True => "True",
+            ConditionStatus::False => "False",
+        }
+    }
+}
+
 impl Condition {
-    /// A new condition with the given truth value.
+    /// A new condition, holding or not.
     pub fn new(
         type_: &str,
-        status: bool,
+        status: ConditionStatus,
         reason: &str,
         message: impl Into<String>,
         now: Timestamp,
@@ -620,7 +636,7 @@ impl Condition {
     ) -> Self {
         Condition {
             type_: type_.to_string(),
-            status: if status { "True" } else { "False" }.to_string(),
+            status: status.as_str().to_string(),
             reason: reason.to_string(),
             message: message.into(),
             last_transition_time: now,
@@ -692,12 +708,12 @@ mod tests {
         let t0 = Timestamp::from_second(1_000).unwrap_or(Timestamp::UNIX_EPOCH);
         let t1 = Timestamp::from_second(2_000).unwrap_or(Timestamp::UNIX_EPOCH);
         let mut conds = vec![];
-        set_condition(&mut conds, Condition::new("Authorized", true, "A", "", t0, Some(1)));
-        set_condition(&mut conds, Condition::new("Authorized", true, "B", "", t1, Some(2)));
+        set_condition(&mut conds, Condition::new("Authorized", ConditionStatus::True, "A", "", t0, Some(1)));
+        set_condition(&mut conds, Condition::new("Authorized", ConditionStatus::True, "B", "", t1, Some(2)));
         assert_eq!(conds.len(), 1);
         assert_eq!(conds[0].last_transition_time, t0);
         assert_eq!(conds[0].reason, "B");
-        set_condition(&mut conds, Condition::new("Authorized", false, "C", "", t1, Some(3)));
+        set_condition(&mut conds, Condition::new("Authorized", ConditionStatus::False, "C", "", t1, Some(3)));
         assert_eq!(conds[0].last_transition_time, t1);
     }
 

@@ -17,29 +17,43 @@ use tokio::sync::{broadcast, mpsc};
 use super::{Context, MANAGER, StatusTrigger};
 use crate::authorization::{GrantTime, grant_window};
 use crate::resources::{
-    AgentStatus, Condition, DelegationGrant, DelegationGrantStatus, Effect, GrantPhase, RunPhase, set_condition,
+    AgentStatus, Condition, ConditionStatus, DelegationGrant, DelegationGrantStatus, Effect, GrantPhase, RunPhase,
+    set_condition,
 };
 
-/// The phase of a grant at `now`, and when it next changes.
-pub fn grant_phase(g: &DelegationGrant, now: Timestamp) -> (GrantPhase, Option<Timestamp>, Option<String>) {
+/// A grant's phase at some moment, when it next changes, and what is wrong with it if it is
+/// invalid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantState {
+    pub phase: GrantPhase,
+    pub next_change: Option<Timestamp>,
+    pub problem: Option<String>,
+}
+
+fn invalid(problem: String) -> GrantState {
+    GrantState { phase: GrantPhase::Invalid, next_change: None, problem: Some(problem) }
+}
+
+/// The state of a grant at `now`.
+pub fn grant_state(g: &DelegationGrant, now: Timestamp) -> GrantState {
     let window = match grant_window(&g.spec, now) {
         Ok(w) => w,
-        Err(e) => return (GrantPhase::Invalid, None, Some(format!("malformed time: {e}"))),
+        Err(e) => return invalid(format!("malformed time: {e}")),
     };
     for (field, v) in [("maxTokenTTL", &g.spec.max_token_ttl), ("maxRunDuration", &g.spec.max_run_duration)] {
         if let Some(Err(e)) = v.as_deref().map(crate::duration::parse) {
-            return (GrantPhase::Invalid, None, Some(format!("{field}: {e}")));
+            return invalid(format!("{field}: {e}"));
         }
     }
     if let Err(e) = crate::scope::parse_all(&g.spec.scopes) {
-        return (GrantPhase::Invalid, None, Some(e.to_string()));
+        return invalid(e.to_string());
     }
     let phase = match window {
         GrantTime::NotYet { .. } => GrantPhase::Pending,
         GrantTime::InForce { .. } => GrantPhase::Active,
         GrantTime::Expired => GrantPhase::Expired,
     };
-    (phase, window.next_change(), None)
+    GrantState { phase, next_change: window.next_change(), problem: None }
 }
 
 fn active_runs(ctx: &Context, ns: &str, pred: impl Fn(&crate::resources::AgentRun) -> bool) -> u32 {
@@ -62,17 +76,19 @@ async fn update_grant(ctx: &Context, key: &ObjectRef<DelegationGrant>, now: Time
     let g = ctx.stores.grants.get(key)?;
     let ns = g.namespace().unwrap_or_default();
     let name = g.name_any();
-    let (phase, next, problem) = grant_phase(&g, now);
+    let GrantState { phase, next_change: next, problem } = grant_state(&g, now);
     let runs = active_runs(ctx, &ns, |r| {
         r.status.as_ref().and_then(|s| s.grant.as_deref()).is_some_and(|list| list.split(',').any(|x| x == name))
     });
     let mut status = g.status.clone().unwrap_or_default();
     let (ready, reason, message) = match (phase, g.spec.effect) {
-        (GrantPhase::Invalid, _) => (false, "Invalid", problem.unwrap_or_default()),
-        (GrantPhase::Pending, _) => (false, "NotYetValid", "the grant is not in force before notBefore".to_string()),
-        (GrantPhase::Expired, _) => (false, "Expired", "the grant is no longer in force".to_string()),
-        (GrantPhase::Active, Effect::Allow) => (true, "Active", "the grant is in force".to_string()),
-        (GrantPhase::Active, Effect::Deny) => (true, "Active", "the refusal is in force".to_string()),
+        (GrantPhase::Invalid, _) => (ConditionStatus::False, "Invalid", problem.unwrap_or_default()),
+        (GrantPhase::Pending, _) => {
+            (ConditionStatus::False, "NotYetValid", "the grant is not in force before notBefore".to_string())
+        }
+        (GrantPhase::Expired, _) => (ConditionStatus::False, "Expired", "the grant is no longer in force".to_string()),
+        (GrantPhase::Active, Effect::Allow) => (ConditionStatus::True, "Active", "the grant is in force".to_string()),
+        (GrantPhase::Active, Effect::Deny) => (ConditionStatus::True, "Active", "the refusal is in force".to_string()),
     };
     set_condition(&mut status.conditions, Condition::new("Ready", ready, reason, message, now, g.metadata.generation));
     let new = DelegationGrantStatus {
@@ -174,6 +190,50 @@ pub(super) async fn status_loop(
         }
         for a in agents {
             update_agent(&ctx, &a).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(spec: serde_json::Value) -> DelegationGrant {
+        let mut base = serde_json::json!({"principal": "alice@example.com", "agent": "a", "effect": "Allow",
+                                          "scopes": ["a:b"], "audiences": ["svc"]});
+        if let (Some(b), Some(extra)) = (base.as_object_mut(), spec.as_object()) {
+            b.extend(extra.clone());
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "deputy.dev/v1alpha1", "kind": "DelegationGrant",
+            "metadata": {"name": "g", "namespace": "ns"}, "spec": base,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_grants_state_follows_its_window_and_names_what_is_malformed() {
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        let (nb, exp) = ("2026-11-23T12:00:00Z", "2026-11-23T13:00:00Z");
+        let window = serde_json::json!({"notBefore": nb, "expiresAt": exp});
+        let cases = [
+            (window.clone(), "2026-11-23T11:00:00Z", GrantPhase::Pending, Some(t(nb))),
+            (window.clone(), "2026-11-23T12:30:00Z", GrantPhase::Active, Some(t(exp))),
+            (window, exp, GrantPhase::Expired, None),
+            (serde_json::json!({}), exp, GrantPhase::Active, None),
+        ];
+        for (spec, now, phase, next_change) in cases {
+            let got = grant_state(&grant(spec), t(now));
+            assert_eq!(got, GrantState { phase, next_change, problem: None }, "at {now}");
+        }
+        for (spec, problem) in [
+            (serde_json::json!({"expiresAt": "soon"}), "malformed time"),
+            (serde_json::json!({"maxTokenTTL": "forever"}), "maxTokenTTL"),
+            (serde_json::json!({"scopes": ["BAD SCOPE"]}), ""),
+        ] {
+            let got = grant_state(&grant(spec), t(nb));
+            assert_eq!((got.phase, got.next_change), (GrantPhase::Invalid, None));
+            assert!(got.problem.is_some_and(|p| p.contains(problem)), "{problem}");
         }
     }
 }

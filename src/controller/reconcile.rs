@@ -20,7 +20,9 @@ use super::plan::{self, Children, Held, Keep, Need, Observed, PodStep, Step, Tok
 use super::{Context, Error, FINALIZER, MANAGER, requeue};
 use crate::audit::{Action as AuditAction, Record};
 use crate::authorization::{self, Authorization, Decision, Input, Parent, Reason, Refusal};
-use crate::resources::{AgentRun, AgentRunStatus, Condition, DelegationGrant, RunPhase, set_condition};
+use crate::resources::{
+    AgentRun, AgentRunStatus, Condition, ConditionStatus, DelegationGrant, RunPhase, set_condition,
+};
 use crate::runs::{self, End, Found, PodPhase, contract};
 use crate::scope;
 use crate::tokens::{RunRef, RunTokenSpec};
@@ -287,7 +289,7 @@ fn refused_status(run: &AgentRun, phase: RunPhase, refusal: &Refusal, now: Times
     status.message = Some(refusal.message.clone());
     let cond = Condition::new(
         COND_AUTHORIZED,
-        false,
+        ConditionStatus::False,
         refusal.reason.as_str(),
         refusal.message.clone(),
         now,
@@ -342,8 +344,24 @@ async fn deny(run: &AgentRun, ctx: &Context, refusal: Refusal, now: Timestamp) -
     Ok(Action::await_change())
 }
 
+/// A run token just written to the run's Secret.
+struct Minted {
+    issued_at: Timestamp,
+    expires_at: Timestamp,
+    jti: String,
+}
+
+impl Minted {
+    /// Records the token in the run's status (Deputy's own report of what it minted).
+    fn record_in(&self, status: &mut AgentRunStatus) {
+        status.token_issued_at = Some(self.issued_at);
+        status.token_expires_at = Some(self.expires_at);
+        status.token_id = Some(self.jti.clone());
+    }
+}
+
 /// Mints a run token into the run's Secret from the decision just made (never from the
-/// status); returns the new token's issue and expiry times and its jti. `rotations` is the
+/// status). `rotations` is the
 /// count the status will hold once this token is recorded (the seed of its rotation time).
 async fn mint(
     run: &AgentRun,
@@ -352,7 +370,7 @@ async fn mint(
     rotations: u32,
     secret: Found,
     now: Timestamp,
-) -> Result<(Timestamp, Timestamp, String), Error> {
+) -> Result<Minted, Error> {
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let identity = auth.identity.clone();
@@ -402,7 +420,7 @@ async fn mint(
     let desired = children::desired_secret(run, &token, &info)?;
     owned::put(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), &desired, run, Some(secret)).await?;
     ctx.metrics.token_minted("run");
-    Ok((now, expires, claims.jti))
+    Ok(Minted { issued_at: now, expires_at: expires, jti: claims.jti })
 }
 
 async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Timestamp) -> Result<Action, Error> {
@@ -427,7 +445,8 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     let sa_known = owned::known(&ctx.stores.service_accounts, run);
     owned::put(&Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns), &sa, run, sa_known).await?;
     let secret_known = owned::known(&ctx.stores.secrets, run).unwrap_or(Found::Absent);
-    let (iat, exp, jti) = mint(run, ctx, &auth, status.rotations, secret_known, now).await?;
+    let minted = mint(run, ctx, &auth, status.rotations, secret_known, now).await?;
+    let (jti, exp) = (minted.jti.clone(), minted.expires_at);
     let (actors, scopes, audiences) =
         (chain_of(&status), status.granted_scopes.clone(), status.granted_audiences.clone());
     let base = Record {
@@ -442,9 +461,7 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
 
     status.phase = Some(RunPhase::Authorized);
     status.service_account = Some(runs::child_name(&name));
-    status.token_issued_at = Some(iat);
-    status.token_expires_at = Some(exp);
-    status.token_id = Some(jti.clone());
+    minted.record_in(&mut status);
     status.reason = Some("Authorized".into());
     status.message = Some(format!("authorised by {}", auth.grants.join(", ")));
     let scopes_text = status.granted_scopes.join(" ");
@@ -452,7 +469,7 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
         &mut status.conditions,
         Condition::new(
             COND_AUTHORIZED,
-            true,
+            ConditionStatus::True,
             "Authorized",
             format!("granted {scopes_text}"),
             now,
@@ -463,7 +480,7 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
         &mut status.conditions,
         Condition::new(
             COND_TOKEN_ISSUED,
-            true,
+            ConditionStatus::True,
             "Minted",
             format!("run token expires at {exp}"),
             now,
@@ -594,16 +611,15 @@ async fn keep_active(
         owned::put(&Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns), &sa, run, Some(Found::Absent)).await?;
     }
     if let Some(why) = why {
-        let (iat, exp, jti) = mint(run, ctx, &auth, status.rotations + 1, secret, now).await?;
-        status.token_issued_at = Some(iat);
-        status.token_expires_at = Some(exp);
-        status.token_id = Some(jti.clone());
+        let minted = mint(run, ctx, &auth, status.rotations + 1, secret, now).await?;
+        let (jti, exp) = (minted.jti.clone(), minted.expires_at);
+        minted.record_in(&mut status);
         status.rotations += 1;
         set_condition(
             &mut status.conditions,
             Condition::new(
                 COND_TOKEN_ISSUED,
-                true,
+                ConditionStatus::True,
                 "Rotated",
                 format!("run token expires at {exp}"),
                 now,
@@ -647,19 +663,19 @@ async fn end(run: &AgentRun, ctx: &Context, why: End, message: &str) -> Result<A
     let revoked = why.is_revocation();
     set_condition(
         &mut status.conditions,
-        Condition::new(COND_REVOKED, true, reason, message, now, run.metadata.generation),
+        Condition::new(COND_REVOKED, ConditionStatus::True, reason, message, now, run.metadata.generation),
     );
     if revoked {
         set_condition(
             &mut status.conditions,
-            Condition::new(COND_AUTHORIZED, false, reason, message, now, run.metadata.generation),
+            Condition::new(COND_AUTHORIZED, ConditionStatus::False, reason, message, now, run.metadata.generation),
         );
     }
     set_condition(
         &mut status.conditions,
         Condition::new(
             COND_TOKEN_ISSUED,
-            false,
+            ConditionStatus::False,
             "Revoked",
             "the run's tokens are no longer valid",
             now,
