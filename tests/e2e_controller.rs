@@ -243,7 +243,21 @@ async fn write_conflicts_are_retried_not_lost() {
             api.fail_next_writes("secrets", 2, 409);
             env.apply_example("gdpr-compliance.yaml").await;
             env.wait_phase("gdpr-check-q4", "Authorized", Duration::from_secs(30)).await;
-            assert!(env.run_token("gdpr-check-q4").await.is_some());
+            let token = env.run_token("gdpr-check-q4").await.unwrap();
+            // Write-ahead audit: the token in the Secret has its `minted` line, after the run's
+            // `authorized` line; the tokens whose Secret write was refused have lines too
+            // (a line for a token never used, never a token without one).
+            let jti = env.verifier().await.verify(&token, AudienceCheck::Exactly(&env.token_url())).unwrap().jti;
+            let audit = env.audit();
+            let at = |action: &str, jti: Option<&str>| {
+                audit.iter().position(|l| {
+                    l["run"] == "gdpr-check-q4" && l["action"] == action && jti.is_none_or(|j| l["jti"] == j)
+                })
+            };
+            let (authorized, minted) = (at("authorized", None), at("minted", Some(&jti)));
+            assert!(authorized.is_some() && minted.is_some() && authorized < minted, "{audit:?}");
+            let lines = audit.iter().filter(|l| l["run"] == "gdpr-check-q4" && l["action"] == "minted").count();
+            assert!(lines >= 2, "the refused writes' tokens were audited too: {audit:?}");
             let stats = api.stats();
             // The Secret is created (POST), and later written at its uid (PATCH).
             let writes = stats.count("secrets", "CREATE") + stats.count("secrets", "PATCH");

@@ -369,6 +369,7 @@ async fn mint(
     auth: &Authorization,
     rotations: u32,
     secret: Found,
+    rotation: Option<plan::Mint>,
     now: Timestamp,
 ) -> Result<Minted, Error> {
     let ns = run.namespace().unwrap_or_default();
@@ -418,6 +419,20 @@ async fn mint(
         deadline,
     };
     let desired = children::desired_secret(run, &token, &info)?;
+    // The token's audit line is written before the token leaves the process.
+    let actors = auth.actors().to_vec();
+    let audit_scopes: Vec<String> = auth.scopes.iter().map(ToString::to_string).collect();
+    let action = if rotation.is_some() { AuditAction::Rotated } else { AuditAction::Minted };
+    Record {
+        scopes: &audit_scopes,
+        audiences: &auth.audiences,
+        jti: Some(&claims.jti),
+        exp: Some(expires.as_second()),
+        reason: rotation.map(plan::Mint::as_str),
+        task: rotation.is_none().then_some(run.spec.task.as_str()),
+        ..Record::new(action, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
+    }
+    .emit();
     owned::put(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), &desired, run, Some(secret)).await?;
     ctx.metrics.token_minted("run");
     Ok(Minted { issued_at: now, expires_at: expires, jti: claims.jti })
@@ -444,20 +459,21 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     // someone else took first fails the run (`name_taken`), and what was made is removed.
     let sa_known = owned::known(&ctx.stores.service_accounts, run);
     owned::put(&Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns), &sa, run, sa_known).await?;
-    let secret_known = owned::known(&ctx.stores.secrets, run).unwrap_or(Found::Absent);
-    let minted = mint(run, ctx, &auth, status.rotations, secret_known, now).await?;
-    let (jti, exp) = (minted.jti.clone(), minted.expires_at);
-    let (actors, scopes, audiences) =
-        (chain_of(&status), status.granted_scopes.clone(), status.granted_audiences.clone());
-    let base = Record {
-        scopes: &scopes,
-        audiences: &audiences,
+    // Write-ahead audit: the decision's line is written (and flushed) before the token exists,
+    // and `mint` writes the token's line before the token leaves the process. A crash may leave
+    // a line for a token never used, never a token without its line.
+    let actors = chain_of(&status);
+    Record {
+        scopes: &status.granted_scopes,
+        audiences: &status.granted_audiences,
         task: Some(&run.spec.task),
+        reason: Some("Authorized"),
         ..Record::new(AuditAction::Authorized, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
-    };
-    // The token exists from the moment its Secret is written: the audit line says so then,
-    // even if a later write fails.
-    Record { action: AuditAction::Minted, jti: Some(&jti), exp: Some(exp.as_second()), ..base.clone() }.emit();
+    }
+    .emit();
+    let secret_known = owned::known(&ctx.stores.secrets, run).unwrap_or(Found::Absent);
+    let minted = mint(run, ctx, &auth, status.rotations, secret_known, None, now).await?;
+    let exp = minted.expires_at;
 
     status.phase = Some(RunPhase::Authorized);
     status.service_account = Some(runs::child_name(&name));
@@ -492,7 +508,6 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     let pod_known = owned::known(&ctx.stores.pods, run);
     owned::put(&Api::<Pod>::namespaced(ctx.client.clone(), &ns), &pod, run, pod_known).await?;
 
-    Record { reason: Some("Authorized"), ..base }.emit();
     ctx.metrics.run_authorized();
     ctx.touch_status_of(&AgentRun { status: Some(status.clone()), ..run.clone() });
     publish(
@@ -611,8 +626,8 @@ async fn keep_active(
         owned::put(&Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns), &sa, run, Some(Found::Absent)).await?;
     }
     if let Some(why) = why {
-        let minted = mint(run, ctx, &auth, status.rotations + 1, secret, now).await?;
-        let (jti, exp) = (minted.jti.clone(), minted.expires_at);
+        let minted = mint(run, ctx, &auth, status.rotations + 1, secret, Some(why), now).await?;
+        let exp = minted.expires_at;
         minted.record_in(&mut status);
         status.rotations += 1;
         set_condition(
@@ -626,16 +641,6 @@ async fn keep_active(
                 run.metadata.generation,
             ),
         );
-        let actors = chain_of(&status);
-        Record {
-            scopes: &status.granted_scopes,
-            audiences: &status.granted_audiences,
-            jti: Some(&jti),
-            exp: Some(exp.as_second()),
-            reason: Some(why.as_str()),
-            ..Record::new(AuditAction::Rotated, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
-        }
-        .emit();
     }
     write_status(run, ctx, status.clone()).await?;
     Ok(next_wakeup(run, &status, ctx, now))
