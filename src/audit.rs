@@ -81,9 +81,11 @@ impl<'a> Record<'a> {
         }
     }
 
-    /// Writes the record as one line on stdout.
+    /// Writes the record as one line on stdout. A message longer than [`MAX_ECHO`] bytes
+    /// (it may quote what a client sent) is cut there.
     pub fn emit(&self) {
-        let mut line = match serde_json::to_vec(self) {
+        let clipped = Record { message: self.message.map(|m| clip(m, MAX_ECHO)), ..self.clone() };
+        let mut line = match serde_json::to_vec(&clipped) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "could not serialise an audit record");
@@ -99,9 +101,33 @@ impl<'a> Record<'a> {
     }
 }
 
+/// The most bytes of a client's input that an error reply or an audit line repeats.
+pub const MAX_ECHO: usize = 512;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clipping_keeps_whole_characters() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("abcdef", 3), "abc");
+        // "é" is two bytes: a cut inside it steps back.
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip(&"x".repeat(30_000), MAX_ECHO).len(), MAX_ECHO);
+    }
 
     #[test]
     fn a_record_names_both_principals_and_never_a_token() {

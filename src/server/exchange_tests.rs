@@ -230,3 +230,13 @@ fn an_exchange_gives_one_audience_the_scopes_asked_and_the_tightest_lifetime() {
     soon.deadline = jiff::Timestamp::from_second(NOW + 30).ok();
     assert_eq!(exchange(&[("audience", "mail")], soon, json!({})).unwrap().exp, NOW + 30);
 }
+
+#[test]
+fn an_error_never_echoes_more_than_a_bounded_part_of_the_request() {
+    let name = "p".repeat(30_000);
+    let body = format!("{name}=1&{name}=2");
+    let err = Form::parse(Some("application/x-www-form-urlencoded"), body.as_bytes()).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidRequest);
+    assert!(err.description.len() < crate::audit::MAX_ECHO + 32, "{} bytes", err.description.len());
+    assert!(err.description.ends_with("(truncated)"));
+}

@@ -47,8 +47,14 @@ pub struct OAuthError {
 }
 
 impl OAuthError {
+    /// An error whose description, which may quote the request, is cut at
+    /// [`crate::audit::MAX_ECHO`] bytes (a 30 KB parameter name does not make a 30 KB reply).
     pub fn new(code: ErrorCode, description: impl Into<String>) -> Self {
-        OAuthError { code, description: description.into(), status: code.status() }
+        let mut description = description.into();
+        if description.len() > crate::audit::MAX_ECHO {
+            description = format!("{}… (truncated)", crate::audit::clip(&description, crate::audit::MAX_ECHO));
+        }
+        OAuthError { code, description, status: code.status() }
     }
     pub fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status;
