@@ -100,16 +100,37 @@ impl KeyStore {
         &self.issuer
     }
 
+    /// Stops publishing and trusting retired keys whose `publishUntil` is at or before `now`
+    /// (every replica runs this; the leader also removes them from the Secret). Returns
+    /// whether any key went.
+    pub fn prune(&self, now: Timestamp) -> Result<bool, KeyError> {
+        let current = self.get();
+        if !current.set.keys().any(|k| expired(k, now)) {
+            return Ok(false);
+        }
+        let mut set = KeySet::from_stored(&current.set.to_stored())?;
+        set.prune(now);
+        self.replace(KeyMaterial::new(&self.issuer, set, current.resource_version.clone())?);
+        Ok(true)
+    }
+
     /// Reloads from a Secret when its resourceVersion changed.
     pub fn reload_from(&self, secret: &Secret) -> Result<bool, KeyError> {
         let rv = secret.metadata.resource_version.clone();
         if rv.is_some() && self.get().resource_version == rv {
             return Ok(false);
         }
-        let set = key_set_from_secret(secret)?;
+        let mut set = key_set_from_secret(secret)?;
+        // A Secret may still hold keys past their publication (the leader prunes it later).
+        set.prune(Timestamp::now());
         self.replace(KeyMaterial::new(&self.issuer, set, rv)?);
         Ok(true)
     }
+}
+
+/// Whether a retired key's publication has ended at `now`.
+fn expired(k: &crate::tokens::keys::KeyEntry, now: Timestamp) -> bool {
+    k.retired_at.is_some() && k.publish_until.is_none_or(|u| u <= now)
 }
 
 /// Problems loading or creating the key Secret.
@@ -188,18 +209,28 @@ pub async fn rotate_if_due(
     let Some(secret) = api.get_opt(name).await? else { return Ok(false) };
     let mut set = key_set_from_secret(&secret)?;
     let now = Timestamp::now();
-    if now.as_second() - set.active_created_at().as_second() < every.as_secs() {
-        set.prune(now);
+    let due = now.as_second() - set.active_created_at().as_second() >= every.as_secs();
+    let stale = set.keys().any(|k| expired(k, now));
+    if !due && !stale {
         return Ok(false);
     }
-    set.rotate(alg, now, max_token_lifetime)?;
+    if due {
+        set.rotate(alg, now, max_token_lifetime)?;
+    } else {
+        // Not due, but keys past their publication are still in the Secret: remove them.
+        set.prune(now);
+    }
     let mut updated = secret_for(&set, namespace, name)?;
     updated.metadata.resource_version = secret.metadata.resource_version.clone();
     match api.replace(name, &PostParams::default(), &updated).await {
         Ok(saved) => {
-            tracing::info!(kid = %set.active().kid, "rotated signing keys");
+            if due {
+                tracing::info!(kid = %set.active().kid, "rotated signing keys");
+            } else {
+                tracing::info!("removed retired signing keys past their publication");
+            }
             store.replace(KeyMaterial::new(store.issuer(), set, saved.metadata.resource_version)?);
-            Ok(true)
+            Ok(due)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e.into()),
@@ -251,5 +282,26 @@ mod tests {
         let other =
             KeyMaterial::new("https://deputy", KeySet::generate(Alg::EdDSA, Timestamp::now()).unwrap(), None).unwrap();
         assert!(matches!(other.verify_any_audience(&good), Err(VerifyError::UnknownKey(_))));
+    }
+
+    #[test]
+    fn a_retired_key_stops_being_published_and_trusted_at_publish_until() {
+        let t0 = Timestamp::now();
+        let mut set = KeySet::generate(Alg::EdDSA, t0).unwrap();
+        let old_token = token(&set, t0, 600);
+        set.rotate(Alg::EdDSA, t0, SignedDuration::from_mins(15)).unwrap();
+        let store = KeyStore::new("https://deputy", KeyMaterial::new("https://deputy", set, Some("7".into())).unwrap());
+        assert!(store.get().verify_any_audience(&old_token).is_ok(), "the retired key still verifies");
+        assert!(!store.prune(t0 + SignedDuration::from_mins(14)).unwrap());
+        assert_eq!(store.get().set.keys().count(), 2);
+        // At publishUntil it leaves the JWKS and no longer verifies anything.
+        assert!(store.prune(t0 + SignedDuration::from_mins(15)).unwrap());
+        let now = store.get();
+        assert_eq!(now.set.keys().count(), 1);
+        let jwks: serde_json::Value = serde_json::from_slice(&now.jwks).unwrap();
+        assert_eq!(jwks["keys"].as_array().map(Vec::len), Some(1));
+        assert!(matches!(now.verify_any_audience(&old_token), Err(VerifyError::UnknownKey(_))));
+        // The Secret's version is kept: the same Secret is not reloaded over the pruned keys.
+        assert_eq!(now.resource_version.as_deref(), Some("7"));
     }
 }

@@ -241,6 +241,24 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
             }
         });
     }
+    // Every replica stops publishing and trusting a retired key at its `publishUntil`.
+    {
+        let keys = keys.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                tokio::select! { _ = tick.tick() => {}, _ = stop.wait_for(|s| *s) => return }
+                match keys.prune(jiff::Timestamp::now()) {
+                    Ok(true) => {
+                        tracing::info!("retired signing keys past their publication are no longer published or trusted")
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "pruning retired signing keys"),
+                }
+            }
+        });
+    }
     // Servers.
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
