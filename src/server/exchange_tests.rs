@@ -240,3 +240,15 @@ fn an_error_never_echoes_more_than_a_bounded_part_of_the_request() {
     assert!(err.description.len() < crate::audit::MAX_ECHO + 32, "{} bytes", err.description.len());
     assert!(err.description.ends_with("(truncated)"));
 }
+
+#[test]
+fn a_503_says_when_to_try_again_and_a_client_error_does_not() {
+    use axum::response::IntoResponse;
+    let unavailable = invalid_request("the API server is unreachable").with_status(StatusCode::SERVICE_UNAVAILABLE);
+    let r = unavailable.into_response();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let r = invalid_request("bad").into_response();
+    assert!(r.headers().get("retry-after").is_none());
+    assert_eq!(r.headers().get("cache-control").and_then(|v| v.to_str().ok()), Some("no-store"));
+}

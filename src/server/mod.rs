@@ -418,7 +418,11 @@ async fn revoke(
             .emit();
             StatusCode::OK.into_response()
         }
-        Err(e) => OAuthError::new(ErrorCode::InvalidRequest, format!("could not revoke: {e}"))
+        // Gone: so are its tokens.
+        Err(kube::Error::Api(e)) if e.code == 404 => StatusCode::OK.into_response(),
+        // The run is not revoked yet: the API server did not take the write. Not the client's
+        // fault, and worth retrying (503 with Retry-After, as for an unreachable TokenReview).
+        Err(e) => OAuthError::new(ErrorCode::InvalidRequest, format!("the revocation could not be recorded yet: {e}"))
             .with_status(StatusCode::SERVICE_UNAVAILABLE)
             .into_response(),
     }

@@ -77,6 +77,10 @@ impl IntoResponse for OAuthError {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Only the Kubernetes API being unreachable gives a 503: try again shortly.
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"deputy\""));
         }
