@@ -26,18 +26,46 @@ pub struct KeyMaterial {
     /// SHA-256 of the token. An agent presents the same run token for many exchanges; the
     /// signature check is most of an exchange's cost. Times are re-checked on every use, and a
     /// key change replaces this whole struct, so a removed key cannot keep a token valid.
-    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], crate::tokens::Claims>>,
+    verified: quick_cache::sync::Cache<[u8; 32], Verified, ByWeight>,
 }
 
-/// The most verified tokens remembered at once.
-const VERIFIED_CACHE_MAX: usize = 50_000;
+/// The most bytes the verified-token cache holds (estimated from the tokens' sizes): a client
+/// sending many large tokens evicts the least recently used instead of growing the process.
+pub const VERIFIED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// A verified token's claims and the bytes they are counted as.
+#[derive(Clone)]
+struct Verified {
+    claims: Arc<crate::tokens::Claims>,
+    weight: u64,
+}
+
+/// Weighs a cache entry by its recorded size.
+#[derive(Clone, Copy, Default)]
+struct ByWeight;
+
+impl quick_cache::Weighter<[u8; 32], Verified> for ByWeight {
+    fn weight(&self, _: &[u8; 32], v: &Verified) -> u64 {
+        v.weight
+    }
+}
+
+/// What a verified token is counted as: its claims decoded take about twice its length (the
+/// base64 payload is 4/3 of the JSON, and each string has a header), plus the key and entry.
+fn weight_of(token: &str) -> u64 {
+    u64::try_from(token.len()).unwrap_or(u64::MAX).saturating_mul(2).saturating_add(128)
+}
+
+fn verified_cache() -> quick_cache::sync::Cache<[u8; 32], Verified, ByWeight> {
+    quick_cache::sync::Cache::with_weighter(16_384, VERIFIED_CACHE_BYTES, ByWeight)
+}
 
 impl KeyMaterial {
     pub fn new(issuer: &str, set: KeySet, resource_version: Option<String>) -> Result<KeyMaterial, KeyError> {
         let verifier = Verifier::from_key_set(issuer, &set, DEFAULT_LEEWAY_SECS)
             .map_err(|e| KeyError::Malformed(e.to_string()))?;
         let jwks = bytes::Bytes::from(set.jwks().to_string());
-        Ok(KeyMaterial { set, verifier, jwks, resource_version, verified: Default::default() })
+        Ok(KeyMaterial { set, verifier, jwks, resource_version, verified: verified_cache() })
     }
 
     /// Verifies a Deputy token for any audience, reusing an earlier successful verification of
@@ -47,22 +75,12 @@ impl KeyMaterial {
         let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
         let mut key = [0u8; 32];
         key.copy_from_slice(d.as_ref());
-        let cached = self.verified.lock().ok().and_then(|c| c.get(&key).cloned());
-        if let Some(claims) = cached {
-            self.verifier.check_times(&claims, now)?;
-            return Ok(claims);
+        if let Some(v) = self.verified.get(&key) {
+            self.verifier.check_times(&v.claims, now)?;
+            return Ok((*v.claims).clone());
         }
         let claims = self.verifier.verify_at(token, crate::tokens::AudienceCheck::Any, now)?;
-        if let Ok(mut c) = self.verified.lock() {
-            if c.len() >= VERIFIED_CACHE_MAX {
-                let now_s = now.as_second();
-                c.retain(|_, v| v.exp > now_s);
-                if c.len() >= VERIFIED_CACHE_MAX {
-                    c.clear();
-                }
-            }
-            c.insert(key, claims.clone());
-        }
+        self.verified.insert(key, Verified { claims: Arc::new(claims.clone()), weight: weight_of(token) });
         Ok(claims)
     }
 }
@@ -243,6 +261,10 @@ mod tests {
     use crate::tokens::{RunRef, RunTokenSpec, VerifyError};
 
     fn token(set: &KeySet, iat: Timestamp, ttl_secs: i64) -> String {
+        token_with_task(set, iat, ttl_secs, "t")
+    }
+
+    fn token_with_task(set: &KeySet, iat: Timestamp, ttl_secs: i64, task: &str) -> String {
         let actors = vec!["spiffe://td/ns/n/agent/a/run/r".to_string()];
         let claims = RunTokenSpec {
             issuer: "https://deputy",
@@ -253,7 +275,7 @@ mod tests {
             authority: [("svc".to_string(), "a:b".to_string())].into(),
             actors: &actors,
             run: RunRef { namespace: "n".into(), name: "r".into(), uid: "u".into() },
-            task: "t",
+            task,
             issued_at: iat,
             ttl: SignedDuration::from_secs(ttl_secs),
             not_after: iat + SignedDuration::from_hours(1),
@@ -269,7 +291,7 @@ mod tests {
         let good = token(&material.set, Timestamp::now(), 600);
         assert!(material.verify_any_audience(&good).is_ok());
         assert!(material.verify_any_audience(&good).is_ok(), "second use from the cache");
-        assert_eq!(material.verified.lock().unwrap().len(), 1);
+        assert_eq!(material.verified.len(), 1);
         // An expired token is refused even when its signature was verified before.
         let short = token(&material.set, Timestamp::now() - SignedDuration::from_secs(100), 1);
         assert_eq!(material.verify_any_audience(&short), Err(VerifyError::Expired));
@@ -303,5 +325,22 @@ mod tests {
         assert!(matches!(now.verify_any_audience(&old_token), Err(VerifyError::UnknownKey(_))));
         // The Secret's version is kept: the same Secret is not reloaded over the pruned keys.
         assert_eq!(now.resource_version.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn fat_tokens_evict_each_other_instead_of_growing_the_cache() {
+        let set = KeySet::generate(Alg::EdDSA, Timestamp::now()).unwrap();
+        let material = KeyMaterial::new("https://deputy", set, None).unwrap();
+        // 2,000 distinct 23 KB tokens: about 90 MiB if they were all kept.
+        let fat = "x".repeat(17_000);
+        let mut bytes = 0u64;
+        for i in 0..2_000 {
+            let t = token_with_task(&material.set, Timestamp::now(), 600, &format!("{fat}{i}"));
+            bytes += weight_of(&t);
+            assert!(material.verify_any_audience(&t).is_ok());
+        }
+        assert!(bytes > 2 * VERIFIED_CACHE_BYTES, "the test sends more than the cache holds ({bytes})");
+        assert!(material.verified.weight() <= VERIFIED_CACHE_BYTES, "{} bytes kept", material.verified.weight());
+        assert!(material.verified.len() < 2_000);
     }
 }
