@@ -238,7 +238,7 @@ fn bench_exchange(c: &mut Criterion) {
     spec.issuer = &issuer;
     spec.run.uid = uid.clone();
     let subject = material.set.active().sign(&spec.claims()).unwrap();
-    let actor = format!("actor-{}", uuid::Uuid::new_v4());
+    let actor = format!("actor.{}.sig", uuid::Uuid::new_v4().simple());
     let user = deputy_testapi::UserInfo {
         username: format!("system:serviceaccount:{NS}:deputy-run-{RUN}"),
         uid: "sa-uid".into(),
@@ -254,7 +254,7 @@ fn bench_exchange(c: &mut Criterion) {
         pods,
         resource_servers,
         namespaces: kube::runtime::reflector::store().0,
-        reviewer: Reviewer::new(client.clone(), metrics.clone()),
+        reviewer: Reviewer::new(client.clone(), metrics.clone(), Default::default()),
         metrics,
         client,
         issuer,

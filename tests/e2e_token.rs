@@ -393,3 +393,44 @@ async fn the_cli_exchanges_and_verifies() {
         .unwrap();
     assert!(String::from_utf8_lossy(&inspect.stdout).contains("Delegation: alice@example.com ← gdpr-check-q4"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_junk_token_flood_costs_a_bounded_number_of_token_reviews() {
+    let mut env = Env::api_only().await;
+    env.extra_args = vec!["--token-reviews-per-second".into(), "20".into()];
+    env.start_operator().await;
+    let rs = env.resource_server_token().await;
+    let (status, _) = env.post("/introspect", &[("token", "x")], Some(&rs)).await;
+    assert_eq!(status, 200, "the resource server's review is cached");
+    let before = env.token_reviews().await;
+    let started = std::time::Instant::now();
+
+    // 150 distinct JWT-shaped junk bearers, 150 that are not JWTs, 150 repeats of one junk JWT.
+    let junk: Vec<String> = (0..150).map(|i| format!("eyJhbGciOiJub25lIn0.junk{i}.sig")).collect();
+    let opaque: Vec<String> = (0..150).map(|i| format!("opaque-{i}")).collect();
+    let repeated = vec!["eyJhbGciOiJub25lIn0.same.sig".to_string(); 150];
+    let bearers: Vec<&String> = junk.iter().chain(&opaque).chain(&repeated).collect();
+    // 50 at a time: a flood, within what one test client's sockets do reliably.
+    use futures::StreamExt;
+    let answers: Vec<(u16, serde_json::Value)> = futures::stream::iter(bearers.iter())
+        .map(|b| env.post("/introspect", &[("token", "x")], Some(b)))
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    // A well-behaved caller is served during the flood (its review is cached).
+    let (status, _) = env.post("/introspect", &[("token", "x")], Some(&rs)).await;
+    assert_eq!(status, 200, "the resource server is still served");
+    let elapsed = started.elapsed().as_secs_f64();
+    let reviews = env.token_reviews().await - before;
+    let throttled = answers.iter().filter(|(s, _)| *s == 429).count();
+    let refused = answers.iter().filter(|(s, _)| *s == 401).count();
+    eprintln!(
+        "{} junk introspections in {elapsed:.2} s: {reviews} TokenReviews, {throttled} throttled (429), {refused} refused (401)",
+        answers.len()
+    );
+    // 20 per second with a burst of 40: whatever the flood, at most that many reviews.
+    let bound = 40 + (20.0 * elapsed).ceil() as u64 + 1;
+    assert!(reviews <= bound, "{reviews} TokenReviews in {elapsed:.2} s (bound {bound})");
+    assert!(throttled > 0 && throttled + refused == answers.len(), "every junk caller is refused or throttled");
+    assert!(answers.iter().all(|(s, _)| *s != 200 && *s < 500), "never served, never a 5xx");
+}

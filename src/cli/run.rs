@@ -75,6 +75,17 @@ pub struct RunArgs {
     /// dies. It renews a third of this before the end.
     #[arg(long = "leader-election-lease-duration", env = "DEPUTY_LEASE_DURATION", default_value = "15s")]
     pub lease_duration: String,
+    /// At most this many TokenReviews per second (burst: twice this), whatever clients send;
+    /// beyond it a request that needs a review gets 429 with Retry-After.
+    #[arg(long, env = "DEPUTY_TOKEN_REVIEWS_PER_SECOND", default_value_t = 100)]
+    pub token_reviews_per_second: u32,
+    /// At most this many TokenReviews in flight.
+    #[arg(long, env = "DEPUTY_TOKEN_REVIEWS_IN_FLIGHT", default_value_t = 32)]
+    pub token_reviews_in_flight: usize,
+    /// Review introspection bearers that are not JWTs (opaque tokens of a webhook
+    /// authenticator); by default they are refused without a review.
+    #[arg(long, env = "DEPUTY_REVIEW_OPAQUE_TOKENS")]
+    pub review_opaque_tokens: bool,
     /// How often the TLS files are checked for a change (they are reloaded when they change).
     #[arg(long, env = "DEPUTY_TLS_RELOAD_INTERVAL", default_value = "5s")]
     pub tls_reload_interval: String,
@@ -157,7 +168,15 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         pods: stores.pods.clone(),
         resource_servers: stores.resource_servers.clone(),
         namespaces: stores.namespaces.clone(),
-        reviewer: Reviewer::new(client.clone(), metrics.clone()),
+        reviewer: Reviewer::new(
+            client.clone(),
+            metrics.clone(),
+            server::review::ReviewLimits {
+                per_second: args.token_reviews_per_second,
+                in_flight: args.token_reviews_in_flight,
+                opaque_tokens: args.review_opaque_tokens,
+            },
+        ),
         metrics: metrics.clone(),
         client: client.clone(),
         issuer: issuer.clone(),

@@ -284,6 +284,8 @@ fn review_failure(what: &str, e: ReviewError) -> OAuthError {
             OAuthError::new(ErrorCode::InvalidRequest, format!("{what} could not be checked: {why}"))
                 .with_status(StatusCode::SERVICE_UNAVAILABLE)
         }
+        ReviewError::Busy => OAuthError::new(ErrorCode::InvalidRequest, format!("{what} could not be checked: {e}"))
+            .with_status(StatusCode::TOO_MANY_REQUESTS),
     }
 }
 

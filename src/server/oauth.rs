@@ -77,8 +77,9 @@ impl IntoResponse for OAuthError {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            // Only the Kubernetes API being unreachable gives a 503: try again shortly.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
+            // The Kubernetes API unreachable (503) or Deputy at its bound of reviews (429):
+            // try again shortly.
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if self.status == StatusCode::UNAUTHORIZED {

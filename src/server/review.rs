@@ -1,5 +1,8 @@
-//! Authenticating Kubernetes service-account tokens with the TokenReview API, with a cache
-//! of successful reviews (failures are never cached).
+//! Authenticating Kubernetes service-account tokens with the TokenReview API, economically:
+//! successful reviews are cached until shortly before the token expires, refusals for a few
+//! seconds; a bearer that is not a JWT is refused without asking (unless opaque tokens are
+//! allowed); and the reviews asked for are bounded per second and in flight, whatever clients
+//! send (a flood of junk tokens gets 429, not one TokenReview each).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +31,45 @@ pub enum ReviewError {
     Rejected(String),
     #[error("the token could not be checked: {0}")]
     Unavailable(String),
+    /// Deputy is asking the API server for as many reviews as it allows itself: try later.
+    #[error("too many token reviews at once; try again shortly")]
+    Busy,
+}
+
+/// How much Deputy asks of the API server's TokenReview.
+#[derive(Clone, Copy, Debug)]
+pub struct ReviewLimits {
+    /// Reviews per second at most (a burst of twice this is allowed).
+    pub per_second: u32,
+    /// Reviews in flight at most.
+    pub in_flight: usize,
+    /// Review bearer tokens that are not JWTs (the opaque tokens of some webhook
+    /// authenticators); otherwise they are refused without a review.
+    pub opaque_tokens: bool,
+}
+
+impl Default for ReviewLimits {
+    fn default() -> ReviewLimits {
+        ReviewLimits { per_second: 100, in_flight: 32, opaque_tokens: false }
+    }
+}
+
+/// How long a refusal is remembered: a client repeating a rejected token costs nothing more.
+const REJECTED_FOR: Duration = Duration::from_secs(10);
+/// How long a review waits for a slot among those in flight before it is refused as busy.
+const SLOT_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether `token` has the shape of a JWT (three base64url parts): every Kubernetes
+/// service-account token does.
+pub fn looks_like_jwt(token: &str) -> bool {
+    let mut parts = 0;
+    for part in token.split('.') {
+        parts += 1;
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return false;
+        }
+    }
+    parts == 3
 }
 
 /// How long a successful review is trusted at most, and how far before the token's own
@@ -48,6 +90,11 @@ struct Entry {
 pub struct Reviewer {
     client: Client,
     cache: Mutex<HashMap<CacheKey, Entry>>,
+    /// Recent refusals, by token digest and audiences, with when they are forgotten.
+    rejected: quick_cache::sync::Cache<CacheKey, (String, Instant)>,
+    limiter: governor::DefaultDirectRateLimiter,
+    in_flight: tokio::sync::Semaphore,
+    opaque_tokens: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -108,12 +155,26 @@ pub fn actor_refusal(
 }
 
 impl Reviewer {
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Reviewer {
-        Reviewer { client, cache: Mutex::new(HashMap::new()), metrics }
+    pub fn new(client: Client, metrics: Arc<Metrics>, limits: ReviewLimits) -> Reviewer {
+        let per_second = std::num::NonZeroU32::new(limits.per_second).unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = per_second.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
+        Reviewer {
+            client,
+            cache: Mutex::new(HashMap::new()),
+            rejected: quick_cache::sync::Cache::new(10_000),
+            limiter: governor::RateLimiter::direct(governor::Quota::per_second(per_second).allow_burst(burst)),
+            in_flight: tokio::sync::Semaphore::new(limits.in_flight.max(1)),
+            opaque_tokens: limits.opaque_tokens,
+            metrics,
+        }
     }
 
     /// Authenticates `token` for `audiences` (empty: the API server's default audience).
     pub async fn review(&self, token: &str, audiences: &[String]) -> Result<Reviewed, ReviewError> {
+        if !self.opaque_tokens && !looks_like_jwt(token) {
+            self.metrics.token_review("not_jwt");
+            return Err(ReviewError::Rejected("not a Kubernetes service-account token (not a JWT)".into()));
+        }
         let key = (digest(token), audiences.to_vec());
         let now = Instant::now();
         if let Ok(cache) = self.cache.lock()
@@ -123,6 +184,42 @@ impl Reviewer {
             self.metrics.token_review("cache_hit");
             return Ok(e.reviewed.clone());
         }
+        if let Some((why, until)) = self.rejected.get(&key)
+            && until > now
+        {
+            self.metrics.token_review("rejected_cached");
+            return Err(ReviewError::Rejected(why));
+        }
+        if self.limiter.check().is_err() {
+            self.metrics.token_review("throttled");
+            return Err(ReviewError::Busy);
+        }
+        let Ok(Ok(_slot)) = tokio::time::timeout(SLOT_WAIT, self.in_flight.acquire()).await else {
+            self.metrics.token_review("throttled");
+            return Err(ReviewError::Busy);
+        };
+        let result = self.ask(token, audiences).await;
+        if let Err(ReviewError::Rejected(why)) = &result {
+            self.rejected.insert(key.clone(), (why.clone(), now + REJECTED_FOR));
+        }
+        let reviewed = result?;
+        let ttl = cache_for(token);
+        if !ttl.is_zero()
+            && let Ok(mut cache) = self.cache.lock()
+        {
+            if cache.len() >= MAX_ENTRIES {
+                cache.retain(|_, e| e.until > now);
+                if cache.len() >= MAX_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, Entry { reviewed: reviewed.clone(), until: now + ttl });
+        }
+        Ok(reviewed)
+    }
+
+    /// One TokenReview.
+    async fn ask(&self, token: &str, audiences: &[String]) -> Result<Reviewed, ReviewError> {
         let api: Api<TokenReview> = Api::all(self.client.clone());
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -160,25 +257,31 @@ impl Reviewer {
             pod_uid: first("authentication.kubernetes.io/pod-uid"),
         };
         self.metrics.token_review("authenticated");
-        let ttl = cache_for(token);
-        if !ttl.is_zero()
-            && let Ok(mut cache) = self.cache.lock()
-        {
-            if cache.len() >= MAX_ENTRIES {
-                cache.retain(|_, e| e.until > now);
-                if cache.len() >= MAX_ENTRIES {
-                    cache.clear();
-                }
-            }
-            cache.insert(key, Entry { reviewed: reviewed.clone(), until: now + ttl });
-        }
         Ok(reviewed)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Reviewed, actor_refusal, audiences_accepted};
+    use super::{Reviewed, actor_refusal, audiences_accepted, looks_like_jwt};
+
+    #[test]
+    fn only_a_jwt_shaped_bearer_is_worth_a_review() {
+        let cases = [
+            ("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln", true),
+            ("a.b.c", true),
+            ("junk", false),
+            ("a.b", false),
+            ("a.b.c.d", false),
+            ("a..c", false),
+            ("a.b.c=", false),
+            ("a b.c.d", false),
+            ("", false),
+        ];
+        for (token, want) in cases {
+            assert_eq!(looks_like_jwt(token), want, "{token:?}");
+        }
+    }
 
     #[test]
     fn an_actor_token_must_be_bound_to_the_runs_live_pod() {

@@ -69,7 +69,7 @@ pub struct TokenEntry {
 }
 
 fn random_token() -> String {
-    format!("dtk.{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+    format!("dtk.{}.{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 fn uid_of(state: &State, res: &str, ns: &str, name: &str) -> Option<String> {

@@ -471,7 +471,8 @@ impl Env {
     pub async fn resource_server_token(&self) -> String {
         match &self.api {
             Some(api) => {
-                let token = format!("rs-{}", uuid::Uuid::new_v4());
+                // JWT-shaped, as every Kubernetes service-account token is.
+                let token = format!("rs.{}.sig", uuid::Uuid::new_v4().simple());
                 let user = deputy_testapi::UserInfo {
                     username: format!("system:serviceaccount:{}:gdpr-compliance-service", self.ns),
                     uid: "rs".into(),
