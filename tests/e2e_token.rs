@@ -434,3 +434,64 @@ async fn a_junk_token_flood_costs_a_bounded_number_of_token_reviews() {
     assert!(throttled > 0 && throttled + refused == answers.len(), "every junk caller is refused or throttled");
     assert!(answers.iter().all(|(s, _)| *s != 200 && *s < 500), "never served, never a 5xx");
 }
+
+/// A connection from `source` to the token port that sends the start of a request and stops.
+async fn slow_loris(source: &str, port: u16) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind(format!("{source}:0").parse().ok()?).ok()?;
+    let mut tcp = socket.connect(format!("127.0.0.1:{port}").parse().ok()?).await.ok()?;
+    tcp.write_all(b"POST /token HTTP/1.1\r\nHost: deputy\r\n").await.ok()?;
+    Some(tcp)
+}
+
+/// What the server sent on `tcp` before closing it (or within `wait`).
+async fn read_all(tcp: &mut tokio::net::TcpStream, wait: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = vec![];
+    let _ = tokio::time::timeout(wait, tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_and_a_connection_flood_do_not_stop_a_well_behaved_client() {
+    let mut env = Env::api_only().await;
+    env.extra_args = ["--max-connections-per-source", "40", "--http-header-timeout", "2s"].map(String::from).to_vec();
+    env.start_operator().await;
+    let discovery = format!("{}/.well-known/openid-configuration", env.token_url());
+    let readyz = format!("{}/readyz", env.admin_url());
+
+    // 120 slow clients from another loopback address: 40 are held (until the header timeout),
+    // the other 80 are told 429 at once.
+    let mut held = vec![];
+    for _ in 0..120 {
+        if let Some(tcp) = slow_loris("127.0.0.2", env.port).await {
+            held.push(tcp);
+        }
+    }
+    assert_eq!(held.len(), 120, "the attacker's connections are accepted by the kernel");
+    let started = Instant::now();
+    let good = deputy::http_client::get(&discovery, Duration::from_secs(5)).await.unwrap();
+    let ready = deputy::http_client::get(&readyz, Duration::from_secs(5)).await.unwrap();
+    let good_took = started.elapsed();
+    assert_eq!((good.status, ready.status), (200, 200));
+    assert!(good_took < Duration::from_secs(2), "a well-behaved client waited {good_took:?}");
+
+    let mut told = 0;
+    let mut closed = 0;
+    for tcp in &mut held {
+        let reply = read_all(tcp, Duration::from_secs(4)).await;
+        if reply.starts_with("HTTP/1.1 429") {
+            assert!(reply.contains("Retry-After: 1"), "{reply}");
+            told += 1;
+        } else if reply.is_empty() || reply.starts_with("HTTP/1.1 408") {
+            closed += 1;
+        }
+    }
+    eprintln!("120 slow clients: {told} told 429, {closed} closed by the header timeout; good client {good_took:?}");
+    assert_eq!(told, 80, "over the per-source cap: 429");
+    assert_eq!(closed, 40, "the held ones were closed by the 2 s header timeout");
+    // And the port serves as before.
+    let again = deputy::http_client::get(&discovery, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(again.status, 200);
+}

@@ -86,6 +86,20 @@ pub struct RunArgs {
     /// authenticator); by default they are refused without a review.
     #[arg(long, env = "DEPUTY_REVIEW_OPAQUE_TOKENS")]
     pub review_opaque_tokens: bool,
+    /// Open connections at most, on each of the token and admin ports (keep it below the
+    /// process's file-descriptor limit); beyond it a connection gets 429.
+    #[arg(long, env = "DEPUTY_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Open connections at most from one source address.
+    #[arg(long, env = "DEPUTY_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 256)]
+    pub max_connections_per_source: usize,
+    /// How long a client may take to send a request's headers (also the idle timeout of a
+    /// kept-alive connection).
+    #[arg(long, env = "DEPUTY_HTTP_HEADER_TIMEOUT", default_value = "10s")]
+    pub http_header_timeout: String,
+    /// How long a request may take in all, its body included (then 408).
+    #[arg(long, env = "DEPUTY_HTTP_REQUEST_TIMEOUT", default_value = "30s")]
+    pub http_request_timeout: String,
     /// How often the TLS files are checked for a change (they are reloaded when they change).
     #[arg(long, env = "DEPUTY_TLS_RELOAD_INTERVAL", default_value = "5s")]
     pub tls_reload_interval: String,
@@ -136,6 +150,12 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
     };
     let rotation = dur("key-rotation", &args.key_rotation)?;
     let lease_seconds = lease_seconds(&args.lease_duration)?;
+    let http = server::listen::HttpLimits {
+        max_connections: args.max_connections,
+        max_per_source: args.max_connections_per_source,
+        header_timeout: dur("http-header-timeout", &args.http_header_timeout)?.unsigned_abs(),
+        request_timeout: dur("http-request-timeout", &args.http_request_timeout)?.unsigned_abs(),
+    };
     let reload_every = dur("tls-reload-interval", &args.tls_reload_interval)?
         .unsigned_abs()
         .max(std::time::Duration::from_millis(100));
@@ -285,31 +305,29 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("binding {}: {e}", args.listen))?;
     tracing::info!(token = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
-    let admin_task = tokio::spawn(
-        axum::serve(admin, server::admin_router(state.clone()))
-            .with_graceful_shutdown(shutdown_signal(stop_rx.clone()))
-            .into_future(),
-    );
+    // The admin port has its own listener and limits: load on the token port cannot starve
+    // the probes.
+    let admin_task = tokio::spawn(server::listen::serve(
+        admin,
+        None,
+        server::admin_router(state.clone()),
+        http,
+        shutdown_signal(stop_rx.clone()),
+    ));
     let router = server::router(state.clone());
-    let token_task = match (&args.tls_cert, &args.tls_key) {
+    let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let resolver = Arc::new(
                 server::tls::ReloadingCert::new(cert.clone(), key.clone(), reload_every).map_err(|e| e.to_string())?,
             );
-            let cfg = server::tls::server_config(resolver);
-            tokio::spawn(server::tls::serve(listener, cfg, router, shutdown_signal(stop_rx.clone())))
+            Some(server::tls::server_config(resolver))
         }
         _ => {
             tracing::warn!("the token endpoint serves plain HTTP: pass --tls-cert and --tls-key in production");
-            let fut =
-                axum::serve(listener, router).with_graceful_shutdown(shutdown_signal(stop_rx.clone())).into_future();
-            tokio::spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::error!(error = %e, "token endpoint");
-                }
-            })
+            None
         }
     };
+    let token_task = tokio::spawn(server::listen::serve(listener, tls, router, http, shutdown_signal(stop_rx.clone())));
 
     // Leader election: one replica reconciles, every replica serves tokens. Until elected,
     // a replica only keeps its caches current.

@@ -2,6 +2,7 @@
 //! discovery and JWKS) and the admin endpoints (probes and metrics), on separate listeners.
 
 pub mod exchange;
+pub mod listen;
 pub mod oauth;
 pub mod review;
 pub mod tls;
