@@ -24,6 +24,7 @@ fn group_of(resource: &str) -> &'static str {
         "leases" => "coordination.k8s.io",
         "events" => "events.k8s.io",
         "tokenreviews" => "authentication.k8s.io",
+        "subjectaccessreviews" => "authorization.k8s.io",
         _ => "",
     }
 }
@@ -76,6 +77,9 @@ async fn every_request_is_granted_and_every_grant_is_used() {
     let actor = env.actor_token("gdpr-check-q4").await;
     let (status, _) = env.post("/token", &support::exchange_form(&subject, &actor), None).await;
     assert_eq!(status, 200);
+    let rs = env.resource_server_token().await;
+    let (status, _) = env.post("/introspect", &[("token", &subject)], Some(&rs)).await;
+    assert_eq!(status, 200, "introspection (a SubjectAccessReview for the caller)");
     let (status, _) = env.post("/revoke", &[("token", &subject)], Some(&actor)).await;
     assert_eq!(status, 200);
     env.wait_phase("gdpr-check-q4", "Revoked", T).await;
@@ -116,7 +120,7 @@ async fn every_request_is_granted_and_every_grant_is_used() {
             let (namespace, name) = match (resource, verb.as_str()) {
                 ("leases", "create") => (env.operator_ns.as_str(), ""),
                 ("leases", _) => (env.operator_ns.as_str(), "deputy-controller"),
-                ("tokenreviews", _) => ("", ""),
+                ("tokenreviews" | "subjectaccessreviews", _) => ("", ""),
                 _ => (env.ns.as_str(), ""),
             };
             let review: SubjectAccessReview = serde_json::from_value(json!({"spec": {

@@ -222,6 +222,11 @@ async fn introspection_sees_both_principals_and_goes_inactive_within_a_second_of
     assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")), "introspection needs a caller token");
     let (status, body) = env.post("/introspect", &[("token", &subject)], Some("who-knows")).await;
     assert_eq!(status, 401, "{body}");
+    // A Kubernetes identity is not enough: the answer names the principal, chain and task.
+    let nobody = env.service_account_token("nobody").await;
+    let (status, body) = env.post("/introspect", &[("token", &subject)], Some(&nobody)).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("invalid_client")), "{body}");
+    assert!(body["error_description"].as_str().is_some_and(|d| d.contains("introspections.deputy.dev")), "{body}");
 
     let (status, body) = env.post("/introspect", &[("token", &subject)], Some(&rs)).await;
     assert_eq!(status, 200);
@@ -494,4 +499,36 @@ async fn slow_clients_and_a_connection_flood_do_not_stop_a_well_behaved_client()
     // And the port serves as before.
     let again = deputy::http_client::get(&discovery, Duration::from_secs(5)).await.unwrap();
     assert_eq!(again.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_or_corrupted_signing_key_secret_is_written_back_and_no_token_dies() {
+    use kube::api::{DeleteParams, Patch, PatchParams};
+    let env = Env::start().await;
+    env.apply_example("gdpr-compliance.yaml").await;
+    let (subject, actor) = active_run(&env, "gdpr-check-q4").await;
+    let kid = operator_keys(&env).await.active().kid.clone();
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.operator_ns);
+    let restored = || async {
+        match secrets.get_opt("deputy-signing-keys").await.unwrap() {
+            Some(s) => {
+                let data: BTreeMap<String, Vec<u8>> =
+                    s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+                KeySet::from_secret_data(&data).is_ok_and(|set| set.active().kid == kid)
+            }
+            None => false,
+        }
+    };
+
+    secrets.delete("deputy-signing-keys", &DeleteParams::default()).await.unwrap();
+    assert!(wait_until(T, restored).await, "the deleted Secret is written back:\n{}", env.operator_log());
+    let (status, body) = env.post("/token", &exchange_form(&subject, &actor), None).await;
+    assert_eq!(status, 200, "the run's token still exchanges: {body}");
+
+    let junk = json!({"data": {"keys.json": base64::engine::general_purpose::STANDARD.encode(b"not keys")}});
+    secrets.patch("deputy-signing-keys", &PatchParams::default(), &Patch::Merge(&junk)).await.unwrap();
+    assert!(wait_until(T, restored).await, "the corrupted Secret is written back:\n{}", env.operator_log());
+    let (status, body) = env.post("/token", &exchange_form(&subject, &actor), None).await;
+    assert_eq!(status, 200, "the run's token still exchanges: {body}");
+    assert!(env.operator_log().contains("written back from the keys in memory"), "said so in the log");
 }

@@ -41,6 +41,10 @@ use review::{ReviewError, Reviewer};
 /// The largest request body accepted on any endpoint.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub use exchange::MAX_EXCHANGED_TTL_SECS;
+/// The virtual resource a caller of `/introspect` needs `create` on (checked with a
+/// SubjectAccessReview; nothing of that kind is stored).
+pub const INTROSPECTION_GROUP: &str = "deputy.dev";
+pub const INTROSPECTION_RESOURCE: &str = "introspections";
 /// Everything the handlers share.
 pub struct EndpointState {
     pub keys: Arc<KeyStore>,
@@ -336,9 +340,30 @@ async fn introspect(
         s.metrics.introspection("unauthorized");
         return OAuthError::new(ErrorCode::InvalidClient, "authenticate with a bearer token").into_response();
     };
-    if let Err(e) = s.reviewer.review(caller, &[]).await {
-        s.metrics.introspection("unauthorized");
-        return review_failure("the bearer token", e).into_response();
+    let who = match s.reviewer.review(caller, &[]).await {
+        Ok(who) => who,
+        Err(e) => {
+            s.metrics.introspection("unauthorized");
+            return review_failure("the bearer token", e).into_response();
+        }
+    };
+    // Being a Kubernetes identity is not enough: the answer names the principal, the chain
+    // and the task. The caller needs `create` on `introspections.deputy.dev`.
+    match s.reviewer.may(&who, "create", INTROSPECTION_GROUP, INTROSPECTION_RESOURCE).await {
+        Ok(true) => {}
+        Ok(false) => {
+            s.metrics.introspection("forbidden");
+            return OAuthError::new(
+                ErrorCode::InvalidClient,
+                format!(
+                    "{} may not introspect tokens (it needs create on {INTROSPECTION_RESOURCE}.{INTROSPECTION_GROUP})",
+                    who.username
+                ),
+            )
+            .with_status(StatusCode::FORBIDDEN)
+            .into_response();
+        }
+        Err(e) => return review_failure("the bearer token's permission", e).into_response(),
     }
     let token = match token_param(&headers, &body) {
         Ok(t) => t,

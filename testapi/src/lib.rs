@@ -154,6 +154,12 @@ impl TestApiServer {
         self.state().faults.insert(resource.to_string(), (n, code));
     }
 
+    /// Let `user` do `verb` on `resource` in API group `group`, as SubjectAccessReviews answer
+    /// (nothing is allowed otherwise).
+    pub fn allow(&self, user: &str, group: &str, resource: &str, verb: &str) {
+        self.state().allowed.insert((user.into(), group.into(), resource.into(), verb.into()));
+    }
+
     /// Make watches of `resource` (a plural) see each event `delay` after it happened, as a
     /// watch cache behind the API server does; `Duration::ZERO` ends it. Reads are not delayed.
     pub fn delay_watch(&self, resource: &str, delay: std::time::Duration) {

@@ -19,7 +19,7 @@ pub struct ResourceDef {
     pub short_names: Vec<String>,
     pub namespaced: bool,
     pub status: bool,
-    /// Only `create` (tokenreviews).
+    /// Only `create` (tokenreviews, subjectaccessreviews).
     pub create_only: bool,
     /// Registered by a CRD object (unregistered when it is deleted).
     pub custom: bool,
@@ -74,6 +74,17 @@ pub fn builtins() -> Vec<ResourceDef> {
     let mut tokenreviews =
         builtin("authentication.k8s.io", "v1", "tokenreviews", "tokenreview", "TokenReview", &[], false, false);
     tokenreviews.create_only = true;
+    let mut sars = builtin(
+        "authorization.k8s.io",
+        "v1",
+        "subjectaccessreviews",
+        "subjectaccessreview",
+        "SubjectAccessReview",
+        &[],
+        false,
+        false,
+    );
+    sars.create_only = true;
     vec![
         builtin("", "v1", "namespaces", "namespace", "Namespace", &["ns"], false, true),
         builtin("", "v1", "pods", "pod", "Pod", &["po"], true, true),
@@ -95,6 +106,7 @@ pub fn builtins() -> Vec<ResourceDef> {
             true,
         ),
         tokenreviews,
+        sars,
     ]
 }
 

@@ -212,6 +212,9 @@ fn resource(
             Ok(watch::watch(app.shared.clone(), filter, opts))
         }
         "CREATE" if res.key() == "authentication.k8s.io/tokenreviews" => created(&st.token_review(&parse_body(body)?)?),
+        "CREATE" if res.key() == "authorization.k8s.io/subjectaccessreviews" => {
+            created(&st.access_review(&parse_body(body)?))
+        }
         "CREATE" if sub == Some("token") => created(&st.token_request(&key.ns, &key.name, &parse_body(body)?)?),
         "CREATE" if name.is_some() => Err(ApiError::new(405, "POST is not allowed on a named object")),
         "CREATE" => created(&filter.present(&st.create(&res, ns.as_deref(), parse_body(body)?)?)),

@@ -71,6 +71,9 @@ pub struct State {
     pub stats_by_agent: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
     /// resource (`plural` or `plural/sub`) -> (remaining, code).
     pub faults: HashMap<String, (u32, u16)>,
+    /// What SubjectAccessReviews allow: (user, group, resource, verb). Everything else is
+    /// denied (there is no RBAC here).
+    pub allowed: std::collections::HashSet<(String, String, String, String)>,
     /// Watches of these resources (by plural) see each event only this long after it
     /// happened: a watch cache lagging behind the API server, as under load.
     pub watch_delays: HashMap<String, std::time::Duration>,
@@ -158,6 +161,7 @@ impl State {
             stats: BTreeMap::new(),
             stats_by_agent: BTreeMap::new(),
             faults: HashMap::new(),
+            allowed: Default::default(),
             watch_delays: HashMap::new(),
             tokens: HashMap::new(),
             notify,
@@ -199,6 +203,24 @@ impl State {
     pub fn compact(&mut self) {
         self.history.clear();
         self.compacted = self.rv;
+    }
+
+    /// Answers a SubjectAccessReview from the allow list (resource attributes only).
+    pub fn access_review(&self, body: &Value) -> Value {
+        let at = |p: &str| body.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
+        let key = (
+            at("/spec/user"),
+            at("/spec/resourceAttributes/group"),
+            at("/spec/resourceAttributes/resource"),
+            at("/spec/resourceAttributes/verb"),
+        );
+        let allowed = self.allowed.contains(&key);
+        let mut out = if body.is_object() { body.clone() } else { serde_json::json!({}) };
+        out["kind"] = serde_json::json!("SubjectAccessReview");
+        out["apiVersion"] = serde_json::json!("authorization.k8s.io/v1");
+        out["metadata"] = serde_json::json!({"creationTimestamp": null});
+        out["status"] = serde_json::json!({"allowed": allowed});
+        out
     }
 
     fn commit(&mut self, key: ObjKey, mut obj: Value, typ: EventType, old: Option<Value>) -> Value {

@@ -688,8 +688,8 @@ def check_render(label: str, values_file: str, crds: dict, expected_rbac: list) 
     user_roles = [c for c in all_crs if "deputy.dev/user-role" in (c["metadata"].get("labels") or {})]
     if v.get("userRoles", {}).get("create", True):
         names = sorted(c["metadata"]["labels"]["deputy.dev/user-role"] for c in user_roles)
-        check(f"{label}: user ClusterRoles principal, orchestrator and platform",
-              names == ["orchestrator", "platform", "principal"], str(names))
+        check(f"{label}: user ClusterRoles principal, orchestrator, platform and introspector",
+              names == ["introspector", "orchestrator", "platform", "principal"], str(names))
         for c in user_roles:
             role = c["metadata"]["labels"]["deputy.dev/user-role"]
             res = [r for rule in c["rules"] for r in rule.get("resources", [])]
@@ -703,7 +703,7 @@ def check_render(label: str, values_file: str, crds: dict, expected_rbac: list) 
             writes = {r for rule in c["rules"] for r in rule.get("resources", [])
                       if set(rule.get("verbs", [])) & {"create", "update", "patch"}}
             want = {"principal": {"agentruns", "delegationgrants"}, "orchestrator": {"agentruns"},
-                    "platform": {"agents", "resourceservers"}}[role]
+                    "platform": {"agents", "resourceservers"}, "introspector": {"introspections"}}[role]
             check(f"{label}: user role {role} writes exactly {sorted(want)}", writes == want, str(sorted(writes)))
     else:
         check(f"{label}: userRoles.create=false renders no user roles", not user_roles)

@@ -323,37 +323,44 @@ impl Fault {
 /// A Role letting the example's users and orchestrators manage runs and grants in `ns`, as a
 /// platform team would bind them.
 pub async fn let_users_manage_runs(client: &Client, ns: &str) {
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "deputy-users", "namespace": ns},
-        "rules": [{"apiGroups": ["deputy.dev"], "resources": ["agentruns", "delegationgrants", "agentruns/status"],
-                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
-    });
-    let binding = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "deputy-users", "namespace": ns},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deputy-users"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:users"},
-                     {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:orchestrators"}],
-    });
-    apply(client, &role).await;
-    apply(client, &binding).await;
+    let rules = json!([{"apiGroups": ["deputy.dev"], "resources": ["agentruns", "delegationgrants", "agentruns/status"],
+                        "verbs": ["get", "list", "create", "update", "patch", "delete"]}]);
+    let subjects = json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:users"},
+                          {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "example:orchestrators"}]);
+    grant(client, Some(ns), "deputy-users", rules, subjects).await;
 }
 
 /// Lets `user` make and change Secrets, ServiceAccounts and Pods in `ns`, as the built-in
 /// `edit` role would: a tenant who can take the names of a run's children first.
 pub async fn let_user_manage_workloads(client: &Client, ns: &str, user: &str) {
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "tenant-workloads", "namespace": ns},
-        "rules": [{"apiGroups": [""], "resources": ["secrets", "serviceaccounts", "pods"],
-                   "verbs": ["get", "list", "create", "update", "patch", "delete"]}],
-    });
+    let rules = json!([{"apiGroups": [""], "resources": ["secrets", "serviceaccounts", "pods"],
+                        "verbs": ["get", "list", "create", "update", "patch", "delete"]}]);
+    let subjects = json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]);
+    grant(client, Some(ns), "tenant-workloads", rules, subjects).await;
+}
+
+/// Lets the ServiceAccount `ns/sa` introspect Deputy's tokens (create on
+/// introspections.deputy.dev, as the chart's `-introspector` ClusterRole grants).
+pub async fn let_service_introspect(client: &Client, ns: &str, sa: &str) {
+    let rules = json!([{"apiGroups": ["deputy.dev"], "resources": ["introspections"], "verbs": ["create"]}]);
+    let subjects = json!([{"kind": "ServiceAccount", "name": sa, "namespace": ns}]);
+    grant(client, None, &format!("introspector-{ns}-{sa}"), rules, subjects).await;
+}
+
+/// A Role (in `ns`) or ClusterRole (`None`) named `name` with `rules`, bound to `subjects`.
+async fn grant(client: &Client, ns: Option<&str>, name: &str, rules: Value, subjects: Value) {
+    let (role_kind, binding_kind) =
+        if ns.is_some() { ("Role", "RoleBinding") } else { ("ClusterRole", "ClusterRoleBinding") };
+    let mut meta = json!({"name": name});
+    if let Some(ns) = ns {
+        meta["namespace"] = json!(ns);
+    }
+    let role =
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": role_kind, "metadata": meta, "rules": rules});
     let binding = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "tenant-workloads", "namespace": ns},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tenant-workloads"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": binding_kind, "metadata": meta,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": name},
+        "subjects": subjects,
     });
     apply(client, &role).await;
     apply(client, &binding).await;

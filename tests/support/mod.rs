@@ -465,24 +465,38 @@ impl Env {
         }
     }
 
-    /// A token a resource server (`gdpr-compliance-service`) presents to `/introspect`: any
-    /// Kubernetes identity the API server authenticates (a ServiceAccount's token for the API
-    /// server's own audience on the real backend).
+    /// A token a resource server (`gdpr-compliance-service`) presents to `/introspect`: its
+    /// ServiceAccount's, for the API server's own audience, allowed to introspect (create on
+    /// introspections.deputy.dev).
     pub async fn resource_server_token(&self) -> String {
+        let sa = "gdpr-compliance-service";
+        let token = self.service_account_token(sa).await;
+        match &self.api {
+            Some(api) => {
+                api.allow(&format!("system:serviceaccount:{}:{sa}", self.ns), "deputy.dev", "introspections", "create")
+            }
+            None => kube_backend::let_service_introspect(&self.client, &self.ns, sa).await,
+        }
+        token
+    }
+
+    /// A token of the ServiceAccount `sa` in the test's namespace, for the API server's own
+    /// audience: a Kubernetes identity with no rights of its own.
+    pub async fn service_account_token(&self, sa: &str) -> String {
         match &self.api {
             Some(api) => {
                 // JWT-shaped, as every Kubernetes service-account token is.
-                let token = format!("rs.{}.sig", uuid::Uuid::new_v4().simple());
+                let token = format!("sa.{}.sig", uuid::Uuid::new_v4().simple());
                 let user = deputy_testapi::UserInfo {
-                    username: format!("system:serviceaccount:{}:gdpr-compliance-service", self.ns),
-                    uid: "rs".into(),
+                    username: format!("system:serviceaccount:{}:{sa}", self.ns),
+                    uid: sa.into(),
                     groups: vec!["system:serviceaccounts".into()],
                     extra: BTreeMap::new(),
                 };
                 api.register_token(&token, user, vec![], None);
                 token
             }
-            None => kube_backend::service_account_token(&self.client, &self.ns, "gdpr-compliance-service").await,
+            None => kube_backend::service_account_token(&self.client, &self.ns, sa).await,
         }
     }
 
