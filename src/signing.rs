@@ -213,6 +213,43 @@ pub async fn load_or_create(
     Err(SigningError::Key(KeyError::Malformed(format!("could not create or load Secret {namespace}/{name}"))))
 }
 
+/// Writes the keys in memory back to the Secret `name` when it is gone (`current: None`) or
+/// unusable: a deleted or corrupted Secret must not cost every replica its keys (the tokens
+/// already issued stay valid). A create that finds the Secret again, or a replace that finds
+/// it changed (another replica restored it first), is fine. Returns whether it wrote.
+pub async fn restore(
+    api: &Api<Secret>,
+    store: &KeyStore,
+    namespace: &str,
+    name: &str,
+    current: Option<&Secret>,
+) -> Result<bool, SigningError> {
+    let material = store.get();
+    let mut secret = secret_for(&material.set, namespace, name)?;
+    let written = match current {
+        None => api.create(&PostParams::default(), &secret).await,
+        Some(old) => {
+            if key_set_from_secret(old).is_ok() {
+                return Ok(false);
+            }
+            secret.metadata.resource_version = old.metadata.resource_version.clone();
+            api.replace(name, &PostParams::default(), &secret).await
+        }
+    };
+    match written {
+        Ok(saved) => {
+            store.replace(KeyMaterial::new(
+                store.issuer(),
+                KeySet::from_stored(&material.set.to_stored())?,
+                saved.metadata.resource_version,
+            )?);
+            Ok(true)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Rotates the keys in the Secret if the active key is older than `every`; a stale write
 /// (another replica rotated first) gets 409 and is not retried. Returns whether it rotated.
 pub async fn rotate_if_due(

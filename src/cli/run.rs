@@ -260,22 +260,52 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         let keys = keys.clone();
         let secrets = secrets.clone();
         let name = args.keys_secret.clone();
+        let ns = args.namespace.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            let mut stream = watcher(secrets, cfg).default_backoff().applied_objects().boxed();
+            let mut stream = watcher(secrets.clone(), cfg).default_backoff().boxed();
             loop {
-                tokio::select! {
+                let event = tokio::select! {
                     _ = stop.wait_for(|s| *s) => return,
                     item = stream.next() => match item {
-                        Some(Ok(secret)) => match keys.reload_from(&secret) {
-                            Ok(true) => tracing::info!(kid = %keys.get().set.active().kid, "signing keys reloaded"),
-                            Ok(false) => {}
-                            Err(e) => tracing::error!(error = %e, "the signing-key Secret is unusable; keeping the previous keys"),
-                        },
-                        Some(Err(e)) => tracing::warn!(error = %e, "watching the signing-key Secret"),
+                        Some(Ok(event)) => event,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "watching the signing-key Secret");
+                            continue;
+                        }
                         None => return,
                     },
+                };
+                let (secret, gone) = match event {
+                    watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
+                    watcher::Event::Delete(s) => (s, true),
+                    watcher::Event::Init | watcher::Event::InitDone => continue,
+                };
+                let reloaded = if gone { None } else { Some(keys.reload_from(&secret)) };
+                match reloaded {
+                    Some(Ok(true)) => tracing::info!(kid = %keys.get().set.active().kid, "signing keys reloaded"),
+                    Some(Ok(false)) => {}
+                    // Deleted or unusable: keep the keys in memory and write them back, so that
+                    // no token is invalidated and a restarting replica finds them.
+                    broken => {
+                        let why = match &broken {
+                            Some(Err(e)) => format!("unusable ({e})"),
+                            _ => "deleted".to_string(),
+                        };
+                        let current = (!gone).then_some(&secret);
+                        match signing::restore(&secrets, &keys, &ns, &name, current).await {
+                            Ok(true) => {
+                                tracing::warn!(secret = %name, "the signing-key Secret was {why}; it was written back from the keys in memory")
+                            }
+                            Ok(false) => {
+                                tracing::info!(secret = %name, "the signing-key Secret was {why}; another replica wrote it back")
+                            }
+                            Err(e) => {
+                                tracing::error!(secret = %name, error = %e, "the signing-key Secret was {why} and could not be written back; keeping the keys in memory")
+                            }
+                        }
+                    }
                 }
             }
         });
