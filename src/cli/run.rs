@@ -254,80 +254,17 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
             }
         });
     }
-    // Keep the keys current: reload on every change of the Secret (another replica may have
-    // rotated), and rotate when due.
-    {
-        let keys = keys.clone();
-        let secrets = secrets.clone();
-        let name = args.keys_secret.clone();
-        let ns = args.namespace.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            let mut stream = watcher(secrets.clone(), cfg).default_backoff().boxed();
-            loop {
-                let event = tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return,
-                    item = stream.next() => match item {
-                        Some(Ok(event)) => event,
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "watching the signing-key Secret");
-                            continue;
-                        }
-                        None => return,
-                    },
-                };
-                let (secret, gone) = match event {
-                    watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
-                    watcher::Event::Delete(s) => (s, true),
-                    watcher::Event::Init | watcher::Event::InitDone => continue,
-                };
-                let reloaded = if gone { None } else { Some(keys.reload_from(&secret)) };
-                match reloaded {
-                    Some(Ok(true)) => tracing::info!(kid = %keys.get().set.active().kid, "signing keys reloaded"),
-                    Some(Ok(false)) => {}
-                    // Deleted or unusable: keep the keys in memory and write them back, so that
-                    // no token is invalidated and a restarting replica finds them.
-                    broken => {
-                        let why = match &broken {
-                            Some(Err(e)) => format!("unusable ({e})"),
-                            _ => "deleted".to_string(),
-                        };
-                        let current = (!gone).then_some(&secret);
-                        match signing::restore(&secrets, &keys, &ns, &name, current).await {
-                            Ok(true) => {
-                                tracing::warn!(secret = %name, "the signing-key Secret was {why}; it was written back from the keys in memory")
-                            }
-                            Ok(false) => {
-                                tracing::info!(secret = %name, "the signing-key Secret was {why}; another replica wrote it back")
-                            }
-                            Err(e) => {
-                                tracing::error!(secret = %name, error = %e, "the signing-key Secret was {why} and could not be written back; keeping the keys in memory")
-                            }
-                        }
-                    }
-                }
-            }
-        });
-    }
-    // Every replica stops publishing and trusting a retired key at its `publishUntil`.
-    {
-        let keys = keys.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
-            loop {
-                tokio::select! { _ = tick.tick() => {}, _ = stop.wait_for(|s| *s) => return }
-                match keys.prune(jiff::Timestamp::now()) {
-                    Ok(true) => {
-                        tracing::info!("retired signing keys past their publication are no longer published or trusted")
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(error = %e, "pruning retired signing keys"),
-                }
-            }
-        });
-    }
+    // Keep the keys current on every replica: reload on every change of the Secret (another
+    // replica may have rotated), write it back if it is deleted or broken, and stop publishing
+    // and trusting a retired key at its `publishUntil`.
+    tokio::spawn(watch_keys(
+        keys.clone(),
+        secrets.clone(),
+        args.namespace.clone(),
+        args.keys_secret.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(prune_keys(keys.clone(), stop_rx.clone()));
     // Servers.
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
@@ -437,6 +374,77 @@ fn lease_seconds(v: &str) -> Result<u64, String> {
     match u64::try_from(d.as_secs()) {
         Ok(s) if s >= 2 => Ok(s),
         _ => Err(format!("--leader-election-lease-duration: {v} is shorter than 2s")),
+    }
+}
+
+/// Follows the signing-key Secret: reloads the keys when it changes, writes the keys in memory
+/// back when it is deleted or unusable.
+async fn watch_keys(
+    keys: Arc<KeyStore>,
+    secrets: Api<Secret>,
+    ns: String,
+    name: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher(secrets.clone(), cfg).default_backoff().boxed();
+    loop {
+        let event = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            item = stream.next() => match item {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watching the signing-key Secret");
+                    continue;
+                }
+                None => return,
+            },
+        };
+        let (secret, gone) = match event {
+            watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
+            watcher::Event::Delete(s) => (s, true),
+            watcher::Event::Init | watcher::Event::InitDone => continue,
+        };
+        let reloaded = if gone { None } else { Some(keys.reload_from(&secret)) };
+        match reloaded {
+            Some(Ok(true)) => tracing::info!(kid = %keys.get().set.active().kid, "signing keys reloaded"),
+            Some(Ok(false)) => {}
+            // Deleted or unusable: keep the keys in memory and write them back, so that
+            // no token is invalidated and a restarting replica finds them.
+            broken => {
+                let why = match &broken {
+                    Some(Err(e)) => format!("unusable ({e})"),
+                    _ => "deleted".to_string(),
+                };
+                let current = (!gone).then_some(&secret);
+                match signing::restore(&secrets, &keys, &ns, &name, current).await {
+                    Ok(true) => {
+                        tracing::warn!(secret = %name, "the signing-key Secret was {why}; it was written back from the keys in memory")
+                    }
+                    Ok(false) => {
+                        tracing::info!(secret = %name, "the signing-key Secret was {why}; another replica wrote it back")
+                    }
+                    Err(e) => {
+                        tracing::error!(secret = %name, error = %e, "the signing-key Secret was {why} and could not be written back; keeping the keys in memory")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stops publishing and trusting retired keys at their `publishUntil` (checked every 10 s).
+async fn prune_keys(keys: Arc<KeyStore>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! { _ = tick.tick() => {}, _ = stop.wait_for(|s| *s) => return }
+        match keys.prune(jiff::Timestamp::now()) {
+            Ok(true) => {
+                tracing::info!("retired signing keys past their publication are no longer published or trusted")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "pruning retired signing keys"),
+        }
     }
 }
 
