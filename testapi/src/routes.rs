@@ -333,6 +333,15 @@ fn conflict_code() -> u16 {
     409
 }
 
+/// What a SubjectAccessReview is to allow (`POST /testapi/allow`).
+#[derive(serde::Deserialize)]
+struct AllowReq {
+    user: String,
+    group: String,
+    resource: String,
+    verb: String,
+}
+
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RegisterReq {
@@ -361,6 +370,11 @@ fn controls(app: &App, method: &Method, rest: &[&str], body: &[u8]) -> ApiResult
         ("POST", ["faults"]) => {
             let f: FaultReq = from_body(body)?;
             st.faults.insert(f.resource, (f.count, f.code));
+            ok(&json!({}))
+        }
+        ("POST", ["allow"]) => {
+            let a: AllowReq = from_body(body)?;
+            st.allowed.insert((a.user, a.group, a.resource, a.verb));
             ok(&json!({}))
         }
         ("POST", ["tokens"]) => {
