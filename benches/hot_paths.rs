@@ -252,6 +252,7 @@ fn bench_exchange(c: &mut Criterion) {
         keys: Arc::new(KeyStore::new(&issuer, material)),
         runs,
         pods,
+        service_accounts: kube::runtime::reflector::store().0,
         resource_servers,
         namespaces: kube::runtime::reflector::store().0,
         reviewer: Reviewer::new(client.clone(), metrics.clone(), Default::default()),

@@ -97,6 +97,7 @@ pub struct Parent<'a> {
 pub fn is_live_record(run: &AgentRun) -> bool {
     let s = run.status.as_ref();
     run.metadata.deletion_timestamp.is_none()
+        && !run.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(crate::resources::ENDED_ANNOTATION))
         && s.and_then(|s| s.phase).is_some_and(RunPhase::is_active)
         && s.is_some_and(|s| s.completed_at.is_none() && s.revoked_at.is_none())
 }

@@ -25,10 +25,11 @@ pub enum HttpError {
     Body(String),
 }
 
-/// A response: status and body.
+/// A response: status, headers and body.
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
+    pub headers: http::HeaderMap,
     pub body: Bytes,
 }
 
@@ -56,12 +57,13 @@ pub async fn send(
     let work = async {
         let resp = client.request(req).await.map_err(|e| HttpError::Request(e.to_string()))?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
             .map_err(|e| HttpError::Body(e.to_string()))?
             .to_bytes();
-        Ok(Response { status, body })
+        Ok(Response { status, headers, body })
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| HttpError::Timeout(timeout))?
 }

@@ -22,6 +22,12 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "deputy.dev";
 /// The API version of every Deputy resource.
 pub const VERSION: &str = "v1alpha1";
+/// The annotation Deputy puts on a run when it ends it (the value is the end's reason): the
+/// run's own record that it ended, kept beside the status rather than in it, so that a status
+/// written back to a live phase (completedAt and revokedAt removed too) does not bring the run
+/// back. Only Deputy, the run's principal or someone allowed to act for them may change a
+/// `deputy.dev/` annotation (the chart's admission policy).
+pub const ENDED_ANNOTATION: &str = "deputy.dev/ended";
 
 /// CEL: a duration in Deputy's grammar (`90s`, `15m`, `1h30m`), which is also a valid Go
 /// duration, so CEL's `duration()` accepts it.

@@ -424,6 +424,26 @@ impl ControlPlane {
         procs.iter().map(|p| (p.name, p.child.id())).collect()
     }
 
+    /// Freezes the process `name` (SIGSTOP): its sockets stay open and every request to it
+    /// hangs, as a frozen or partitioned server's do. False if there is no such process.
+    pub fn pause(&self, name: &str) -> bool {
+        self.signal(name, libc::SIGSTOP)
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self, name: &str) -> bool {
+        self.signal(name, libc::SIGCONT)
+    }
+
+    fn signal(&self, name: &str, signal: i32) -> bool {
+        let Some(pid) = self.pids().into_iter().find(|(n, _)| *n == name).and_then(|(_, p)| i32::try_from(p).ok())
+        else {
+            return false;
+        };
+        // SAFETY: kill(2) on a child of ours that has not been reaped.
+        unsafe { libc::kill(pid, signal) == 0 }
+    }
+
     /// Stops every process: SIGTERM, then SIGKILL after two seconds.
     pub fn stop(&self) {
         let Ok(mut procs) = self.procs.lock() else { return };

@@ -186,6 +186,7 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         keys: keys.clone(),
         runs: stores.runs.clone(),
         pods: stores.pods.clone(),
+        service_accounts: stores.service_accounts.clone(),
         resource_servers: stores.resource_servers.clone(),
         namespaces: stores.namespaces.clone(),
         reviewer: Reviewer::new(
@@ -354,17 +355,40 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
                 }
             }
         };
-        controller::run(client, cfg, keys, watches, metrics, args.instance.clone(), ended).await;
+        controller::run(client.clone(), cfg, keys, watches, metrics, args.instance.clone(), ended).await;
         lost = *lost_rx.borrow_and_update();
     }
     drop(leader);
     lease_task.abort();
     if lost {
+        // The caches stopped with the controller. A lease is lost when the API server cannot
+        // be reached (or another replica took over): while it cannot, nothing there changes,
+        // so this replica's endpoint keeps answering from its caches (a restart now would fail
+        // to load the keys and serve nothing). Once the API server answers, the process ends,
+        // to start afresh as a follower with live caches.
+        tracing::error!(
+            "lost the leader lease; serving tokens from the caches until the API server answers, then exiting"
+        );
+        wait_for_api_server(&client, stop_rx.clone()).await;
         return Err("leader lease lost".into());
     }
     let _ = token_task.await;
     let _ = admin_task.await;
     Ok(())
+}
+
+/// Returns once the API server answers (or the process is asked to stop).
+async fn wait_for_api_server(client: &kube::Client, mut stop: watch::Receiver<bool>) {
+    loop {
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(5), client.apiserver_version());
+        if matches!(asked.await, Ok(Ok(_))) || *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// The lease duration in whole seconds: at least 2 (so that the renewal, a third before the

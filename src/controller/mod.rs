@@ -144,6 +144,10 @@ pub struct Context {
     /// from a cache that has not caught up with that write does nothing (no second mint, no
     /// repeated revocation) and waits for the watch event that brings it.
     written: Mutex<HashMap<String, Written>>,
+    /// What each active run's current token carries (by uid), as this process minted it or
+    /// read it from the token: the authority a change of grants is compared with (the status
+    /// says the same, but anyone allowed to write the status could narrow it to hide a pair).
+    held: Mutex<HashMap<String, plan::Held>>,
     /// Grants and Agents whose status (active run counts) may have changed.
     status_triggers: mpsc::UnboundedSender<StatusTrigger>,
 }
@@ -212,6 +216,28 @@ impl Context {
     fn ended(&self, uid: &str) {
         if let Ok(mut w) = self.written.lock() {
             w.insert(uid.to_string(), Written { progress: (4, u32::MAX), at: std::time::Instant::now() });
+        }
+    }
+
+    /// What the run's current token carries, if this process knows.
+    fn held(&self, uid: &str) -> Option<plan::Held> {
+        self.held.lock().ok().and_then(|h| h.get(uid).cloned())
+    }
+
+    /// Remembers what the run's current token carries (`None`: forget it, the run ended).
+    fn hold(&self, uid: &str, held: Option<plan::Held>) {
+        let Ok(mut h) = self.held.lock() else { return };
+        match held {
+            Some(held) => {
+                // Bounded: a forgotten run only costs one read of its token.
+                if h.len() >= 200_000 {
+                    h.clear();
+                }
+                h.insert(uid.to_string(), held);
+            }
+            None => {
+                h.remove(uid);
+            }
         }
     }
 
@@ -453,6 +479,7 @@ pub async fn run(
         metrics,
         failures: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
+        held: Mutex::new(HashMap::new()),
         status_triggers: tx,
     });
 

@@ -32,6 +32,8 @@ pub struct Observed {
     pub deleting: bool,
     /// The run asked the token endpoint to revoke it (the revoke annotation).
     pub revoke_requested: bool,
+    /// Deputy ended the run, for this reason (the ended annotation), whatever the status says.
+    pub ended: Option<End>,
     /// The authorisation decision, made just now (`None`: not made yet).
     pub decision: Option<Decision>,
     /// The decision was made on a fresh read of the grants, not the grant cache.
@@ -193,6 +195,14 @@ pub fn plan(o: &Observed) -> Step {
     if status_regressed(&o.status) {
         return Step::Tampered;
     }
+    // Deputy marked the run ended, yet its status shows no end: Deputy stopped between the mark
+    // and the status, or someone wrote the status back (completedAt and revokedAt removed too).
+    // Either way the run ends again, for the reason it ended.
+    if let Some(end) = o.ended
+        && !phase.is_terminal()
+    {
+        return ended(end);
+    }
     if o.cache_behind {
         return Step::WaitForCache;
     }
@@ -229,18 +239,18 @@ fn ended(why: End) -> Step {
 }
 
 fn keep_active(o: &Observed, auth: &Authorization) -> Step {
-    // The status only hints that authority shrank (anyone allowed to write it can change it):
-    // what the run holds is what its current token, signed by Deputy, carries.
-    if authority_reduced(&held_by_status(&o.status), auth).is_some() {
-        match &o.token {
-            Token::Unread => return Step::Observe(Need::Token),
-            Token::Holds(held) => {
-                if let Some(why) = authority_reduced(held, auth) {
-                    return Step::End(End::AuthorityReduced, why);
-                }
+    // What the run holds is what its current token, signed by Deputy, carries (as minted by
+    // this process, or read from the token once): never the status, which anyone allowed to
+    // write it could narrow to hide a pair the grants no longer give.
+    match &o.token {
+        Token::Unread => return Step::Observe(Need::Token),
+        Token::Holds(held) => {
+            if let Some(why) = authority_reduced(held, auth) {
+                return Step::End(End::AuthorityReduced, why);
             }
-            Token::Invalid => {}
         }
+        // No token of this run's to compare with: the next mint carries only the decision's.
+        Token::Invalid => {}
     }
     let Some(children) = &o.children else { return Step::Observe(Need::Children) };
     let running = o.status.phase == Some(RunPhase::Running);
@@ -320,15 +330,6 @@ pub fn wake_at(status: &AgentRunStatus, uid: &str, grant_change: Option<Timestam
 pub fn status_regressed(status: &AgentRunStatus) -> bool {
     let ended = status.completed_at.is_some() || status.revoked_at.is_some();
     ended && !status.phase.is_some_and(RunPhase::is_terminal)
-}
-
-/// What the status says the run holds.
-pub fn held_by_status(status: &AgentRunStatus) -> Held {
-    status
-        .granted_authority
-        .iter()
-        .map(|g| (g.audience.clone(), scope::parse_all(&g.scopes).unwrap_or_default()))
-        .collect()
 }
 
 /// An active run keeps only what it was given; if its grants now give less, it is revoked

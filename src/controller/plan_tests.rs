@@ -69,6 +69,7 @@ fn pending() -> Observed {
         cache_behind: false,
         deleting: false,
         revoke_requested: false,
+        ended: None,
         decision: Some(Decision::Authorized(auth())),
         fresh: false,
         token: Token::Unread,
@@ -78,7 +79,12 @@ fn pending() -> Observed {
 
 /// An active (running) run with all its children, its token fresh.
 fn running() -> Observed {
-    Observed { status: status(RunPhase::Running), children: Some(all_there(true)), ..pending() }
+    Observed {
+        status: status(RunPhase::Running),
+        children: Some(all_there(true)),
+        token: Token::Holds(auth().authority),
+        ..pending()
+    }
 }
 
 fn ends(step: &Step) -> Option<End> {
@@ -139,7 +145,7 @@ fn every_trigger_in_the_revocation_table_ends_an_active_run_with_its_reason() {
         (
             "the grants now give less than the token carries",
             Observed {
-                token: Token::Holds(held_by_status(&status(RunPhase::Running))),
+                token: Token::Holds(auth().authority),
                 decision: Some(Decision::Authorized(narrower())),
                 ..running()
             },
@@ -192,29 +198,26 @@ fn narrower() -> Authorization {
 
 #[test]
 fn a_shrunk_authority_is_read_from_the_token_not_believed_from_the_status() {
-    // The status hints that the run held more: the plan reads the token first.
-    let o = Observed { decision: Some(Decision::Authorized(narrower())), ..running() };
+    // What the token carries is not known (a restarted operator): the plan reads it first,
+    // whatever the status says.
+    let o = Observed { token: Token::Unread, ..running() };
     assert_eq!(plan(&o), Step::Observe(Need::Token));
-    // A token that does not verify (or names another run) proves nothing: the run goes on.
+    let o = Observed { decision: Some(Decision::Authorized(narrower())), ..o };
+    assert_eq!(plan(&o), Step::Observe(Need::Token));
+    // A token that does not verify (or names another run) proves nothing: the run goes on,
+    // and its next token carries only the decision's pairs.
     let o = Observed { token: Token::Invalid, ..o };
     assert!(matches!(plan(&o), Step::Keep(_)), "{:?}", plan(&o));
-    // A tenant who narrowed the status to match a narrower grant changes nothing either: the
-    // token still carries the old pair, and the run is revoked.
+    // A tenant who narrowed the status to match a narrower grant changes nothing: the token
+    // still carries the old pair, and the run is revoked.
     let mut narrowed = status(RunPhase::Running);
     narrowed.granted_authority = vec![GrantedAuthority { audience: "svc".into(), scopes: vec!["a:c".into()] }];
-    let o = Observed {
-        status: narrowed.clone(),
-        token: Token::Holds(held_by_status(&status(RunPhase::Running))),
-        decision: Some(Decision::Authorized(narrower())),
-        ..running()
-    };
-    // The status no longer hints, so the token is not read: the next mint carries only the
-    // narrower pairs (the rotation is the decision's, never the status's).
-    assert!(matches!(plan(&o), Step::Keep(_)));
+    let o = Observed { status: narrowed, decision: Some(Decision::Authorized(narrower())), ..running() };
+    assert_eq!(ends(&plan(&o)), Some(End::AuthorityReduced), "{:?}", plan(&o));
     // A status claiming more than the token carries does not revoke the run either.
     let mut wider = status(RunPhase::Running);
     wider.granted_authority.push(GrantedAuthority { audience: "other".into(), scopes: vec!["x:y".into()] });
-    let o = Observed { status: wider, token: Token::Holds(held_by_status(&status(RunPhase::Running))), ..running() };
+    let o = Observed { status: wider, ..running() };
     assert!(matches!(plan(&o), Step::Keep(_)), "{:?}", plan(&o));
 }
 
@@ -457,4 +460,21 @@ fn a_decision_is_made_only_for_a_run_that_may_act_on_it() {
     assert_eq!(plan(&undecided(Observed { deleting: true, ..running() })), Step::Idle);
     let o = undecided(Observed { revoke_requested: true, ..running() });
     assert_eq!(ends(&plan(&o)), Some(End::SelfRevoked));
+}
+
+#[test]
+fn a_run_deputy_marked_ended_never_becomes_active_again_whatever_its_status_says() {
+    // The status written back to a live phase with completedAt and revokedAt removed, or
+    // Deputy stopped between the mark and the status: the run ends again, for its reason,
+    // however good the decision now is.
+    for base in [running(), pending(), Observed { status: status(RunPhase::Authorized), ..running() }] {
+        let o = Observed { ended: Some(End::GrantDeleted), ..base };
+        assert_eq!(ends(&plan(&o)), Some(End::GrantDeleted), "{:?}", o.status.phase);
+    }
+    // A terminal status with the mark: the end is finished as usual, not ended twice.
+    let mut st = status(RunPhase::Revoked);
+    st.reason = Some(End::GrantDeleted.as_str().into());
+    st.completed_at = Some(t0());
+    let o = Observed { ended: Some(End::GrantDeleted), status: st, ..running() };
+    assert_eq!(plan(&o), Step::FinishEnd { stop_pod: true });
 }

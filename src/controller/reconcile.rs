@@ -21,7 +21,7 @@ use super::{Context, Error, FINALIZER, MANAGER, requeue};
 use crate::audit::{Action as AuditAction, Record};
 use crate::authorization::{self, Authorization, Decision, Input, Parent, Reason, Refusal};
 use crate::resources::{
-    AgentRun, AgentRunStatus, Condition, ConditionStatus, DelegationGrant, RunPhase, set_condition,
+    AgentRun, AgentRunStatus, Condition, ConditionStatus, DelegationGrant, ENDED_ANNOTATION, RunPhase, set_condition,
 };
 use crate::runs::{self, End, Found, PodPhase, contract};
 use crate::scope;
@@ -140,9 +140,11 @@ async fn apply(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
         cache_behind: ctx.cache_is_behind(&uid, run.status.as_ref()),
         deleting: run.meta().deletion_timestamp.is_some(),
         revoke_requested: run.annotations().contains_key(runs::REVOKE_ANNOTATION),
+        // An unknown reason (not Deputy's writing) still marks the run ended.
+        ended: run.annotations().get(ENDED_ANNOTATION).map(|v| End::parse(v).unwrap_or(End::StatusTampered)),
         decision: None,
         fresh: false,
-        token: Token::Unread,
+        token: ctx.held(&uid).map_or(Token::Unread, Token::Holds),
         children: None,
     };
     // Each need is asked for at most once, so the plan settles within as many rounds.
@@ -165,7 +167,11 @@ async fn observe(run: &AgentRun, ctx: &Context, o: &mut Observed, need: Need) ->
             o.decision = Some(decide_with(run, ctx, &fresh, o.now));
             o.fresh = true;
         }
-        Need::Token => o.token = held_by_token(run, ctx).await?.map_or(Token::Invalid, Token::Holds),
+        Need::Token => {
+            let held = held_by_token(run, ctx).await?;
+            ctx.hold(&o.uid, held.clone());
+            o.token = held.map_or(Token::Invalid, Token::Holds);
+        }
         Need::Children => o.children = Some(observe_children(run, ctx).await?),
     }
     Ok(())
@@ -219,6 +225,7 @@ async fn tampered(run: &AgentRun, ctx: &Context, status: AgentRunStatus) -> Resu
         format!("status.phase {phase:?} on a run that completed or was revoked: the run stays ended"),
     )
     .await;
+    mark_ended(run, ctx, End::StatusTampered).await?;
     remove_credentials(run, ctx, true).await?;
     let mut s = status;
     s.phase = Some(End::StatusTampered.phase());
@@ -434,6 +441,7 @@ async fn mint(
     }
     .emit();
     owned::put(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), &desired, run, Some(secret)).await?;
+    ctx.hold(&run.uid().unwrap_or_default(), Some(auth.authority.clone()));
     ctx.metrics.token_minted("run");
     Ok(Minted { issued_at: now, expires_at: expires, jti: claims.jti })
 }
@@ -654,8 +662,24 @@ fn agent_of(run: &AgentRun, ctx: &Context) -> Result<Arc<crate::resources::Agent
 
 /// Ends a run: terminal status first (so every replica's token endpoint refuses its tokens at
 /// once), then its credentials are deleted, then `revokedAt` records that they are gone.
+/// Marks the run ended (the ended annotation, at its uid) before its status says so, unless it
+/// is marked already: from then on no status brings it back.
+async fn mark_ended(run: &AgentRun, ctx: &Context, why: End) -> Result<(), Error> {
+    if run.annotations().contains_key(ENDED_ANNOTATION) {
+        return Ok(());
+    }
+    let patch = json!({
+        "metadata": {"uid": run.uid(), "annotations": {ENDED_ANNOTATION: why.as_str()}}
+    });
+    let api: Api<AgentRun> = Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    api.patch(&run.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
 async fn end(run: &AgentRun, ctx: &Context, why: End, message: &str) -> Result<Action, Error> {
     let now = ctx.now();
+    ctx.hold(&run.uid().unwrap_or_default(), None);
+    mark_ended(run, ctx, why).await?;
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let mut status = run.status.clone().unwrap_or_default();
@@ -768,6 +792,7 @@ async fn name_taken(run: &AgentRun, ctx: &Context, taken: Taken) -> Result<Actio
 async fn cleanup(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     let status = run.status.clone().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
+    ctx.hold(&uid, None);
     // A second cleanup (the finalizer's removal not yet in the cache) records nothing again.
     if status.phase.is_some_and(RunPhase::is_active) && !ctx.cache_is_behind(&uid, run.status.as_ref()) {
         let ns = run.namespace().unwrap_or_default();

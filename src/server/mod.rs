@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -51,6 +51,9 @@ pub struct EndpointState {
     pub runs: Store<AgentRun>,
     /// The runs' pods (phase only), so that a run whose pod has ended is inactive at once.
     pub pods: Store<PodPhase>,
+    /// The runs' ServiceAccounts (metadata): a cached review of an actor token is not believed
+    /// once the ServiceAccount it was issued for has been replaced.
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
     /// The ResourceServers and the namespaces' labels: an exchanged token's audience must be
     /// registered for the run's namespace, and lives no longer than its `maxTokenTTL`.
     pub resource_servers: Store<ResourceServer>,
@@ -306,7 +309,15 @@ async fn authenticate_actor(s: &EndpointState, actor_token: &str, run: &AgentRun
     let child = runs::child_name(&run.name_any());
     let expected = format!("system:serviceaccount:{ns}:{child}");
     let live_uid = live_pod_uid(s, run, &ns, &child).await?;
-    match review::actor_refusal(&reviewed, &expected, &child, live_uid.as_deref()) {
+    // The run's own ServiceAccount as the cache knows it (the review was perhaps remembered
+    // from before it was replaced); unknown to the cache, the API server's review stands.
+    let sa_uid = s
+        .service_accounts
+        .get(&ObjectRef::new(&child).within(&ns))
+        .filter(|sa| runs::owned_by(&sa.metadata, run))
+        .and_then(|sa| sa.metadata.uid.clone());
+    let live = review::Live { pod_uid: live_uid.as_deref(), service_account_uid: sa_uid.as_deref() };
+    match review::actor_refusal(&reviewed, &expected, &child, live) {
         Some(why) => Err(OAuthError::new(ErrorCode::UnauthorizedClient, why)),
         None => Ok(()),
     }

@@ -61,6 +61,10 @@ impl Default for ReviewLimits {
 const REJECTED_FOR: Duration = Duration::from_secs(10);
 /// How long a review waits for a slot among those in flight before it is refused as busy.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
+/// How long a TokenReview or SubjectAccessReview may take. The client's own read timeout is
+/// unbounded (watches share it); an API server that stops answering (frozen, partitioned)
+/// would otherwise hold the caller's request and a review slot until TCP gives up.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether `token` has the shape of a JWT (three base64url parts): every Kubernetes
 /// service-account token does.
@@ -136,19 +140,28 @@ pub fn audiences_accepted(requested: &[String], answered: Option<&[String]>) -> 
     requested.is_empty() || answered.unwrap_or_default().iter().any(|a| requested.contains(a))
 }
 
+/// The run's pod and ServiceAccount as they exist now (their uids; `None`: no pod of the run,
+/// or a ServiceAccount the cache has not seen).
+#[derive(Clone, Copy, Debug)]
+pub struct Live<'a> {
+    pub pod_uid: Option<&'a str>,
+    pub service_account_uid: Option<&'a str>,
+}
+
 /// Why an authenticated actor token may not act for a run, if it may not: it must be a token of
-/// the run's own ServiceAccount (`expected_user`), bound to the run's pod by name and by uid, and
-/// that pod must be the one that exists now (`live_pod_uid`). The uid check is what keeps a cached
-/// review from outliving its pod: a pod deleted and created again under the same name has a new
-/// uid, and the old pod's token no longer matches it.
-pub fn actor_refusal(
-    reviewed: &Reviewed,
-    expected_user: &str,
-    pod: &str,
-    live_pod_uid: Option<&str>,
-) -> Option<&'static str> {
+/// the run's own ServiceAccount (`expected_user`) as it exists now (its uid, where the review and
+/// the cache both know it), bound to the run's pod by name and by uid, and that pod must be the
+/// one that exists now. The uid checks are what keep a cached review from outliving its pod or
+/// its ServiceAccount: one deleted and created again under the same name has a new uid, and the
+/// old token no longer matches it.
+pub fn actor_refusal(reviewed: &Reviewed, expected_user: &str, pod: &str, live: Live<'_>) -> Option<&'static str> {
     if reviewed.username != expected_user {
         return Some("actor_token does not belong to the subject token's run");
+    }
+    if let (Some(had), Some(has)) = (reviewed.uid.as_deref(), live.service_account_uid)
+        && had != has
+    {
+        return Some("actor_token belongs to an earlier ServiceAccount of this run");
     }
     let (Some(bound_name), Some(bound_uid)) = (reviewed.pod_name.as_deref(), reviewed.pod_uid.as_deref()) else {
         return Some("actor_token is not bound to a pod (use the projected token of the run's pod)");
@@ -156,7 +169,7 @@ pub fn actor_refusal(
     if bound_name != pod {
         return Some("actor_token is bound to another pod");
     }
-    match live_pod_uid {
+    match live.pod_uid {
         Some(uid) if uid == bound_uid => None,
         Some(_) => Some("actor_token is bound to an earlier pod of this run"),
         None => Some("actor_token's pod does not exist"),
@@ -268,9 +281,10 @@ impl Reviewer {
             },
             ..Default::default()
         };
-        let answer = Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
+        let asked = Api::<SubjectAccessReview>::all(self.client.clone());
+        let answer = tokio::time::timeout(REVIEW_TIMEOUT, asked.create(&PostParams::default(), &review))
             .await
+            .map_err(|_| unanswered())?
             .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
         let allowed = answer.status.is_some_and(|s| s.allowed && s.denied != Some(true));
         let keep = if allowed { Duration::from_secs(60) } else { REJECTED_FOR };
@@ -288,11 +302,15 @@ impl Reviewer {
             },
             ..Default::default()
         };
-        let answer = match api.create(&PostParams::default(), &review).await {
-            Ok(a) => a,
-            Err(e) => {
+        let answer = match tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review)).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
                 self.metrics.token_review("error");
                 return Err(ReviewError::Unavailable(e.to_string()));
+            }
+            Err(_) => {
+                self.metrics.token_review("error");
+                return Err(unanswered());
             }
         };
         let status = answer.status.unwrap_or_default();
@@ -323,9 +341,13 @@ impl Reviewer {
     }
 }
 
+fn unanswered() -> ReviewError {
+    ReviewError::Unavailable(format!("the API server did not answer within {REVIEW_TIMEOUT:?}"))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{Reviewed, actor_refusal, audiences_accepted, looks_like_jwt};
+    use super::{Live, Reviewed, actor_refusal, audiences_accepted, looks_like_jwt};
 
     #[test]
     fn only_a_jwt_shaped_bearer_is_worth_a_review() {
@@ -356,15 +378,26 @@ mod tests {
             pod_name: pod.map(Into::into),
             pod_uid: uid.map(Into::into),
         };
-        type Row<'a> = (Reviewed, Option<&'a str>, Option<&'a str>);
+        let live = |pod: Option<&'static str>, sa: Option<&'static str>| Live { pod_uid: pod, service_account_uid: sa };
+        type Row<'a> = (Reviewed, Live<'a>, Option<&'a str>);
         let cases: Vec<Row> = vec![
-            (r(SA, Some("deputy-run-r"), Some("u1")), Some("u1"), None),
-            (r("system:serviceaccount:team:other", Some("deputy-run-r"), Some("u1")), Some("u1"), Some("belong")),
-            (r(SA, None, None), Some("u1"), Some("not bound")),
-            (r(SA, Some("deputy-run-r"), None), Some("u1"), Some("not bound")),
-            (r(SA, Some("deputy-run-x"), Some("u1")), Some("u1"), Some("another pod")),
-            (r(SA, Some("deputy-run-r"), Some("u0")), Some("u1"), Some("earlier pod")),
-            (r(SA, Some("deputy-run-r"), Some("u1")), None, Some("does not exist")),
+            (r(SA, Some("deputy-run-r"), Some("u1")), live(Some("u1"), Some("sa-uid")), None),
+            (r(SA, Some("deputy-run-r"), Some("u1")), live(Some("u1"), None), None),
+            (
+                r(SA, Some("deputy-run-r"), Some("u1")),
+                live(Some("u1"), Some("sa-uid-2")),
+                Some("earlier ServiceAccount"),
+            ),
+            (
+                r("system:serviceaccount:team:other", Some("deputy-run-r"), Some("u1")),
+                live(Some("u1"), None),
+                Some("belong"),
+            ),
+            (r(SA, None, None), live(Some("u1"), None), Some("not bound")),
+            (r(SA, Some("deputy-run-r"), None), live(Some("u1"), None), Some("not bound")),
+            (r(SA, Some("deputy-run-x"), Some("u1")), live(Some("u1"), None), Some("another pod")),
+            (r(SA, Some("deputy-run-r"), Some("u0")), live(Some("u1"), None), Some("earlier pod")),
+            (r(SA, Some("deputy-run-r"), Some("u1")), live(None, None), Some("does not exist")),
         ];
         for (reviewed, live, want) in cases {
             let got = actor_refusal(&reviewed, SA, "deputy-run-r", live);

@@ -171,6 +171,17 @@ impl TestApiServer {
         }
     }
 
+    /// Starts (`true`) or ends an outage: while it lasts every API request is answered 503, as
+    /// by an API server that lost its etcd, and every open watch ends (the clients' re-watches
+    /// are answered 503 too). The objects are kept.
+    pub fn outage(&self, down: bool) {
+        let mut st = self.state();
+        st.down = down;
+        let rv = st.rv;
+        // Wakes every watch, so that it sees the outage.
+        st.notify.send_replace(rv);
+    }
+
     /// Issue a service-account token directly (like a TokenRequest, but the service account
     /// need not exist yet; if it does, the token is bound to its current uid).
     pub fn issue_token(&self, spec: TokenSpec) -> String {

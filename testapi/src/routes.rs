@@ -57,6 +57,9 @@ fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[
     let q: HashMap<String, String> =
         form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes()).into_owned().collect();
     let not_found = || ApiError::new(404, "the server could not find the requested resource");
+    if segs.first() != Some(&"testapi") && lock(&app.shared).down {
+        return Err(ApiError::new(503, "the server is currently unable to handle the request"));
+    }
     match segs.as_slice() {
         ["version"] => ok(&resources::version()),
         ["healthz" | "livez" | "readyz"] => Ok("ok".into_response()),

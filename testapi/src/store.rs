@@ -77,6 +77,9 @@ pub struct State {
     /// Watches of these resources (by plural) see each event only this long after it
     /// happened: a watch cache lagging behind the API server, as under load.
     pub watch_delays: HashMap<String, std::time::Duration>,
+    /// An outage: every API request is answered 503 and every open watch ends (the test API
+    /// server's own `/testapi` controls still answer).
+    pub down: bool,
     pub tokens: HashMap<String, TokenEntry>,
     pub notify: watch::Sender<u64>,
 }
@@ -163,6 +166,7 @@ impl State {
             faults: HashMap::new(),
             allowed: Default::default(),
             watch_delays: HashMap::new(),
+            down: false,
             tokens: HashMap::new(),
             notify,
         }

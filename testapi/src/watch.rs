@@ -120,6 +120,10 @@ async fn run(shared: Shared, filter: Filter, opts: WatchOptions, tx: mpsc::Sende
         rx.borrow_and_update();
         let batch: Option<Vec<bytes::Bytes>> = {
             let st = lock(&shared);
+            if st.down {
+                // An outage ends the watch (the client's next one is refused).
+                return;
+            }
             let res_key = filter.res.key();
             // A watcher that fell behind the history it could replay gets 410 Gone (as from a
             // real API server) rather than silently skipping events.
