@@ -463,7 +463,26 @@ async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_a
     };
     let (code, msg) = delete_as(bob.clone()).await.unwrap_err();
     assert_eq!(code, 403, "Bob may not delete Alice's grant: {msg}");
+    let run_path = format!("{}/{}", collection(&mine), mine["metadata"]["name"].as_str().unwrap());
+    let (code, msg) = send(&bob, http::Request::delete(run_path.clone()).body(Vec::new()).unwrap()).await.unwrap_err();
+    assert_eq!(code, 403, "Bob may not delete Alice's run: {msg}");
+    // Nor make it a dependent of an object of his, which the garbage collector would then
+    // delete with his object.
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let bobs = configmaps
+        .create(&Default::default(), &serde_json::from_value(json!({"metadata": {"name": "bobs"}})).unwrap())
+        .await
+        .unwrap();
+    let owner = json!({"metadata": {"ownerReferences": [{
+        "apiVersion": "v1", "kind": "ConfigMap", "name": "bobs", "uid": bobs.metadata.uid,
+    }]}});
+    let (code, msg) = merge(&bob, &mine, &owner).await.unwrap_err();
+    assert_eq!(code, 403, "Bob may not set an owner reference on Alice's run: {msg}");
     merge(&alice, &mine, &annotate).await.expect("Alice revokes her own run");
+    let doomed = run_for(&run, "alice-deletes", ALICE);
+    create(&alice, &doomed).await.expect("Alice names herself");
+    let doomed_path = format!("{}/{}", collection(&doomed), "alice-deletes");
+    send(&alice, http::Request::delete(doomed_path).body(Vec::new()).unwrap()).await.expect("Alice deletes her run");
 
     // An orchestrator without the permission is refused, and `impersonate` is not it: that
     // would let it be Alice against the whole API.
@@ -529,7 +548,19 @@ async fn the_admission_policy_lets_users_name_only_themselves_or_whom_they_may_a
     assert!(msg.contains("is written only by Deputy") && msg.contains(BOB), "{msg}");
     assert_eq!(forge(alice.clone()).await.unwrap_err().0, 403, "not even the principal writes a status");
 
-    // Tidy the cluster-scoped objects (the namespace goes with the test).
+    // The namespace still holds Alice's run and (re-created) grant: deleting it must not be
+    // stuck on the policy. The namespace controller and garbage collector run with their own
+    // ServiceAccounts (--use-service-account-credentials), which may delete anything and
+    // act-for nobody.
+    create(&alice, &grant).await.expect("Alice writes her grant again");
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.client.clone());
+    namespaces.delete(&env.ns, &DeleteParams::default()).await.expect("delete the namespace");
+    let gone =
+        wait_until(Duration::from_secs(90), || async { matches!(namespaces.get_opt(&env.ns).await, Ok(None)) }).await;
+    let left = namespaces.get_opt(&env.ns).await.ok().flatten().and_then(|n| n.status).map(|s| s.conditions);
+    assert!(gone, "the namespace holding Alice's run and grant was not deleted within 90 s: {left:?}");
+
+    // Tidy the cluster-scoped objects.
     for obj in [&binding, &role] {
         let ar = kube_backend::resource_of(&env.client, obj).await;
         let api: Api<kube::api::DynamicObject> = Api::all_with(env.client.clone(), &ar);

@@ -369,6 +369,10 @@ impl ControlPlane {
             .arg(format!("--root-ca-file={}", ca_file.display()))
             .arg(format!("--service-account-private-key-file={}", sa_priv.display()))
             .arg(format!("--controllers={CONTROLLERS}"))
+            // Each controller as its own ServiceAccount (system:serviceaccount:kube-system:
+            // namespace-controller, …), as kubeadm and managed clusters run them: admission
+            // policies then see the identities they see in production.
+            .arg("--use-service-account-credentials=true")
             .arg("--v=1");
         cp.spawn("kube-controller-manager", kcm)?;
         let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =

@@ -500,9 +500,8 @@ def check_vap(label: str, docs: list, values: dict, crds: dict, sa_user: str) ->
     res = sorted(r for rule in rules for r in rule["resources"])
     ops = sorted({o for rule in rules for o in rule["operations"]})
     by_res = {r: sorted(rule["operations"]) for rule in rules for r in rule["resources"]}
-    check(f"{label}: VAP matches agentruns (CREATE, UPDATE) and delegationgrants (CREATE, UPDATE, DELETE), "
-          "main resources only",
-          by_res == {"agentruns": ["CREATE", "UPDATE"], "delegationgrants": ["CREATE", "DELETE", "UPDATE"]}
+    check(f"{label}: VAP matches agentruns and delegationgrants (CREATE, UPDATE, DELETE), main resources only",
+          by_res == {"agentruns": ["CREATE", "DELETE", "UPDATE"], "delegationgrants": ["CREATE", "DELETE", "UPDATE"]}
           and all(rule["apiGroups"] == ["deputy.dev"] for rule in rules), f"{by_res}")
     kinds = ["AgentRun", "DelegationGrant"]
     for kind in kinds:
@@ -550,6 +549,13 @@ def check_vap(label: str, docs: list, values: dict, crds: dict, sa_user: str) ->
     with_fin["metadata"]["finalizers"] = ["deputy.dev/cleanup"]
     with_ann = copy.deepcopy(run("alice@example.com"))
     with_ann["metadata"]["annotations"] = {"deputy.dev/revoke": "true"}
+    with_owner = copy.deepcopy(run("alice@example.com"))
+    with_owner["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": "bobs",
+                                                  "uid": "0b0b0b0b-0000-0000-0000-000000000000"}]
+    alices_run = run("alice@example.com")
+    ns_controller = "system:serviceaccount:kube-system:namespace-controller"
+    gc = "system:serviceaccount:kube-system:generic-garbage-collector"
+    lifecycle = set(a.get("lifecycleControllers") or [])
     cases = [
         ("alice creates a run for herself", dict(user="alice@example.com", op="CREATE", resource="agentruns",
                                                  obj=run("alice@example.com"), old=None, can_act_for=set()), "allow"),
@@ -605,6 +611,27 @@ def check_vap(label: str, docs: list, values: dict, crds: dict, sa_user: str) ->
         ("an orchestrator allowed to act-for alice deletes her grant",
          dict(user="system:serviceaccount:ops:orchestrator", op="DELETE", resource="delegationgrants",
               obj=None, old=alices_grant, can_act_for={"alice@example.com"}), "allow" if imp else "deny"),
+        ("bob deletes alice's run",
+         dict(user="bob@example.com", op="DELETE", resource="agentruns", obj=None, old=alices_run,
+              can_act_for=set()), "deny"),
+        ("alice deletes her run",
+         dict(user="alice@example.com", op="DELETE", resource="agentruns", obj=None, old=alices_run,
+              can_act_for=set()), "allow"),
+        ("an orchestrator allowed to act-for alice deletes her run",
+         dict(user="system:serviceaccount:ops:orchestrator", op="DELETE", resource="agentruns",
+              obj=None, old=alices_run, can_act_for={"alice@example.com"}), "allow" if imp else "deny"),
+        ("the namespace controller deletes alice's grant (her namespace is going)",
+         dict(user=ns_controller, op="DELETE", resource="delegationgrants", obj=None, old=alices_grant,
+              can_act_for=set()), "skip" if ns_controller in lifecycle else "deny"),
+        ("the garbage collector deletes alice's run (its owner went)",
+         dict(user=gc, op="DELETE", resource="agentruns", obj=None, old=alices_run,
+              can_act_for=set()), "skip" if gc in lifecycle else "deny"),
+        ("bob makes alice's run a dependent of his object (the GC would delete it)",
+         dict(user="bob@example.com", op="UPDATE", resource="agentruns", obj=with_owner, old=alices_run,
+              can_act_for=set()), "deny"),
+        ("the garbage collector orphans alice's run (removes an owner reference)",
+         dict(user=gc, op="UPDATE", resource="agentruns", obj=alices_run, old=with_owner,
+              can_act_for=set()), "skip" if gc in lifecycle else "deny"),
         ("Deputy's ServiceAccount changes a run's spec",
          dict(user=sa_user, op="UPDATE", resource="agentruns", obj=run("alice@example.com", task="t2"),
               old=run("alice@example.com"), can_act_for=set()), "skip" if exempt else "deny"),
