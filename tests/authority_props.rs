@@ -299,6 +299,48 @@ fn check(
     }
 }
 
+/// Completeness, the converse of [`check`] for a top-level run: a requested pair that lies
+/// inside every bound (the Agent's audiences and ceiling, a ResourceServer registering it, an
+/// Allow grant in force for that audience, no Deny in force touching it) is held, whole.
+/// Returns how many such pairs there were.
+fn check_complete(
+    run: &AgentRun,
+    agent: &Agent,
+    servers: &[ResourceServer],
+    grants: &[DelegationGrant],
+    a: &Authorization,
+) -> usize {
+    let mut inside_pairs = 0;
+    let ceiling = parse(&agent.spec.scopes);
+    let live: Vec<&DelegationGrant> = grants.iter().filter(|g| in_force(g)).collect();
+    for aud in run.spec.audiences.iter().filter(|aud| agent.spec.audiences.contains(aud)) {
+        for r in parse(&run.spec.scopes) {
+            let inside = scope::covered_by(&r, &ceiling)
+                && registered(servers, aud, &r)
+                && live.iter().any(|g| {
+                    g.spec.effect == Effect::Allow
+                        && g.spec.audiences.contains(aud)
+                        && scope::covered_by(&r, &parse(&g.spec.scopes))
+                })
+                && !live.iter().any(|d| {
+                    d.spec.effect == Effect::Deny
+                        && (d.spec.audiences.is_empty() || d.spec.audiences.contains(aud))
+                        && (d.spec.scopes.is_empty() || parse(&d.spec.scopes).iter().any(|x| x.overlaps(&r)))
+                });
+            if inside {
+                inside_pairs += 1;
+                let held = a.authority.iter().find(|(held_aud, _)| held_aud == aud).map(|(_, s)| s.as_slice());
+                assert!(
+                    held.is_some_and(|held| scope::covered_by(&r, held)),
+                    "{r} at {aud} is consented and inside every bound but not held: {:?}",
+                    a.authority
+                );
+            }
+        }
+    }
+    inside_pairs
+}
+
 fn policy() -> Policy {
     Policy { deputy_namespace: Some("deputy-system".into()), ..Policy::default() }
 }
@@ -317,6 +359,7 @@ proptest! {
         });
         if let Decision::Authorized(a) = &d {
             check(&run, &agent, &servers, &grants, &policy, None, a);
+            check_complete(&run, &agent, &servers, &grants, a);
         }
     }
 
@@ -360,6 +403,7 @@ fn the_generators_reach_authorised_and_denied_runs() {
     let strategy = (agent(), servers(), grants(), run("r"));
     let policy = policy();
     let (mut authorised, mut pairs_of_several_audiences, mut denied) = (0, 0, 0);
+    let mut with_pairs_inside_every_bound = 0;
     let mut reasons = std::collections::BTreeMap::new();
     for _ in 0..2000 {
         let (agent, servers, grants, run) = strategy.new_tree(&mut runner).unwrap().current();
@@ -375,6 +419,9 @@ fn the_generators_reach_authorised_and_denied_runs() {
         }) {
             Decision::Authorized(a) => {
                 authorised += 1;
+                if check_complete(&run, &agent, &servers, &grants, &a) > 0 {
+                    with_pairs_inside_every_bound += 1;
+                }
                 if a.authority.len() > 1 {
                     pairs_of_several_audiences += 1;
                 }
@@ -388,4 +435,9 @@ fn the_generators_reach_authorised_and_denied_runs() {
     eprintln!("authorised {authorised}, denied {denied}: {reasons:?}");
     assert!(authorised >= 200 && denied >= 200, "authorised {authorised}, denied {denied} of 2000");
     assert!(pairs_of_several_audiences >= 50, "only {pairs_of_several_audiences} runs held several audiences");
+    eprintln!("{with_pairs_inside_every_bound} authorised runs asked for a pair inside every bound");
+    assert!(
+        with_pairs_inside_every_bound >= 100,
+        "completeness would hold vacuously: only {with_pairs_inside_every_bound} runs asked for a pair inside every bound"
+    );
 }

@@ -947,8 +947,8 @@ def check_notes(crds: dict) -> None:
     if not check("NOTES.txt has an inline example", bool(m)):
         return
     objs = [d for d in yaml.safe_load_all(m.group(1)) if d]
-    check("NOTES.txt example: an Agent, a DelegationGrant and an AgentRun",
-          [o.get("kind") for o in objs] == ["Agent", "DelegationGrant", "AgentRun"])
+    check("NOTES.txt example: a ResourceServer, an Agent, a DelegationGrant and an AgentRun",
+          [o.get("kind") for o in objs] == ["ResourceServer", "Agent", "DelegationGrant", "AgentRun"])
     for o in objs:
         crd = crds.get(o.get("kind"))
         if crd is None:
