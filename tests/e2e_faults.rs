@@ -32,8 +32,9 @@ use support::{Env, exchange_form, wait_until};
 /// skip one, which the summary counts).
 #[derive(Default)]
 struct Seen {
-    /// token → the Secret it was written to.
-    tokens: BTreeMap<String, String>,
+    /// token → the Secret it was written to, and the token's number there
+    /// (`deputy.dev/token-number`).
+    tokens: BTreeMap<String, (String, u32)>,
     /// run uid → its name and the phases it went through, in order (repeats collapsed).
     phases: BTreeMap<String, (String, Vec<RunPhase>)>,
     restarts: u32,
@@ -56,7 +57,8 @@ fn watch_everything(env: &Env) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>
                     Ok(Either::Secret(watcher::Event::Apply(s) | watcher::Event::InitApply(s))) => {
                         if let Some(t) = s.data.as_ref().and_then(|d| d.get("token")) {
                             let token = String::from_utf8_lossy(&t.0).to_string();
-                            seen.tokens.entry(token).or_insert_with(|| s.name_any());
+                            let number = deputy::runs::token_number(&s.metadata);
+                            seen.tokens.entry(token).or_insert_with(|| (s.name_any(), number));
                         }
                     }
                     Ok(Either::Run(e)) if matches!(*e, watcher::Event::Apply(_) | watcher::Event::InitApply(_)) => {
@@ -174,8 +176,12 @@ async fn unconverged(env: &Env, deleted: &BTreeSet<String>) -> Vec<String> {
                 let revoked = run.annotations().contains_key(deputy::runs::REVOKE_ANNOTATION);
                 let pod_ended =
                     pod.as_ref().and_then(|p| p.status.as_ref()).and_then(|s| s.phase.as_deref()) == Some("Succeeded");
+                let recorded = run.status.as_ref().map_or(0, |s| s.rotations + 1);
+                let number = secret.as_ref().map_or(0, |s| deputy::runs::token_number(&s.metadata));
                 if !ok {
                     wrong.push(format!("{name}: {p:?} without its own ServiceAccount, Secret and Pod"));
+                } else if number != recorded {
+                    wrong.push(format!("{name}: its Secret holds token {number}, its status records {recorded}"));
                 } else if revoked || pod_ended {
                     wrong.push(format!("{name}: {p:?} though revoked ({revoked}) or its pod ended ({pod_ended})"));
                 }
@@ -208,16 +214,18 @@ async fn converge(env: &Env, deleted: &BTreeSet<String>, timeout: Duration) -> (
 }
 
 /// The invariants over everything seen so far: every token written has exactly one
-/// minted/rotated audit line, after its run's authorized line; none is born expired; no run
-/// has more tokens than rotations + 1; no terminal run came back.
+/// minted/rotated audit line, after its run's authorized line; none is born expired; the
+/// tokens of a run are numbered 1, 2, … with no number twice, and no run has more tokens than
+/// rotations + 1 (an active run's next token may be written while its status is listed: one
+/// more); no terminal run came back.
 fn violations(seen: &Seen, audit: &[Value], runs: &[AgentRun]) -> Vec<String> {
     let mut out = vec![];
-    let mut per_run: BTreeMap<String, u32> = BTreeMap::new();
-    for (token, secret) in &seen.tokens {
+    let mut per_run: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (token, (secret, number)) in &seen.tokens {
         let c = claims(token);
         let jti = c["jti"].as_str().unwrap_or_default();
         let run = secret.trim_start_matches("deputy-run-");
-        *per_run.entry(run.to_string()).or_default() += 1;
+        per_run.entry(run.to_string()).or_default().push(*number);
         let (iat, exp) = (c["iat"].as_i64().unwrap_or(0), c["exp"].as_i64().unwrap_or(0));
         if exp <= iat {
             out.push(format!("{run}: token {jti} born expired (iat {iat}, exp {exp})"));
@@ -237,11 +245,22 @@ fn violations(seen: &Seen, audit: &[Value], runs: &[AgentRun]) -> Vec<String> {
             out.push(format!("{run}: token {jti} audited before (or without) the run's authorized line"));
         }
     }
+    for (run, numbers) in &mut per_run {
+        numbers.sort_unstable();
+        if numbers.contains(&0) || numbers.windows(2).any(|w| w[0] == w[1]) {
+            let lines: Vec<String> = audit.iter().filter(|l| l["run"] == run.as_str()).map(|l| l.to_string()).collect();
+            out.push(format!(
+                "{run}: tokens numbered {numbers:?} (each once, from 1); its audit:\n{}",
+                lines.join("\n")
+            ));
+        }
+    }
     for run in runs {
         let name = run.name_any();
         let rotations = run.status.as_ref().map(|s| s.rotations).unwrap_or(0);
-        let tokens = per_run.get(&name).copied().unwrap_or(0);
-        if tokens > rotations + 1 {
+        let active = run.status.as_ref().and_then(|s| s.phase).is_some_and(RunPhase::is_active);
+        let tokens = per_run.get(&name).map_or(0, |n| n.len() as u32);
+        if tokens > rotations + 1 + u32::from(active) {
             out.push(format!("{name}: {tokens} tokens written for {rotations} rotations"));
         }
     }

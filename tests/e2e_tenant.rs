@@ -624,3 +624,91 @@ async fn a_run_waits_for_an_old_child_on_its_way_out() {
         meta.owner_references.unwrap_or_default().iter().any(|o| o.kind == "AgentRun" && o.controller == Some(true))
     );
 }
+
+/// Finding 4 (medium): narrowing a grant did not reach active runs. A lower token TTL and run
+/// duration are reported at once and apply from the run's next token; a grant that no longer
+/// consents to a pair the run holds revokes it (`AuthorityReduced`), with its credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn narrowing_a_grant_reaches_an_active_run() {
+    use kube::api::{Patch, PatchParams};
+    let env = Env::start().await;
+    env.apply_example("gdpr-compliance.yaml").await;
+    let run = env.wait_phase("gdpr-check-q4", "Authorized", T).await;
+    let created = run.metadata.creation_timestamp.clone().unwrap().0;
+    let first = env.run_token("gdpr-check-q4").await.unwrap();
+    let c = claims(&first);
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 600, "the grant's 10m: {c}");
+
+    let narrow = json!({"spec": {"maxTokenTTL": "1m", "maxRunDuration": "30m"}});
+    env.grants().patch("alice-gdpr", &PatchParams::default(), &Patch::Merge(&narrow)).await.unwrap();
+    let reported = env
+        .wait_run("gdpr-check-q4", T, |r| r.status.as_ref().and_then(|s| s.token_ttl.as_deref()) == Some("1m"))
+        .await
+        .status
+        .unwrap();
+    let deadline = created.checked_add(jiff::SignedDuration::from_mins(30)).unwrap();
+    assert_eq!(reported.deadline, Some(deadline), "the deadline counts from creation: {reported:?}");
+    assert_eq!(reported.phase, Some(deputy::resources::RunPhase::Authorized), "narrower, not revoked");
+
+    // The next token (forced by removing the Secret) carries the narrower bounds.
+    let secrets: kube::Api<Secret> = env.api();
+    secrets.delete("deputy-run-gdpr-check-q4", &Default::default()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let next = loop {
+        if let Some(t) = env.run_token("gdpr-check-q4").await.filter(|t| *t != first) {
+            break t;
+        }
+        assert!(t0.elapsed() < T, "a new token after the Secret was removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let c = claims(&next);
+    let (iat, exp) = (c["iat"].as_i64().unwrap(), c["exp"].as_i64().unwrap());
+    assert!(exp - iat <= 60, "the narrowed 1m: {c}");
+    assert!(exp <= deadline.as_second(), "never past the narrowed deadline: {c}");
+
+    // Alice withdraws the audit scopes the run holds.
+    let withdraw = json!({"spec": {"scopes": ["compliance:privacy:check"]}});
+    env.grants().patch("alice-gdpr", &PatchParams::default(), &Patch::Merge(&withdraw)).await.unwrap();
+    let ended = env.wait_phase("gdpr-check-q4", "Revoked", T).await.status.unwrap();
+    assert_eq!(ended.reason.as_deref(), Some("AuthorityReduced"), "{ended:?}");
+    let sas: kube::Api<ServiceAccount> = env.api();
+    let gone = support::wait_until(T, || async {
+        !support::exists(&secrets, "deputy-run-gdpr-check-q4").await
+            && !support::exists(&sas, "deputy-run-gdpr-check-q4").await
+    })
+    .await;
+    assert!(gone, "the revoked run's Secret and ServiceAccount are removed");
+}
+
+/// Finding 4 (medium): a sub-agent was authorised after its grant said depth 0. Lowering the
+/// planner's `maxDelegationDepth` to 0 refuses a new sub-agent run (Denied) and ends the one
+/// already running under it (Revoked), both `DelegationDepthExceeded`; the planner goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_a_grants_depth_reaches_the_chain() {
+    use kube::api::{Patch, PatchParams};
+    let env = Env::start().await;
+    env.apply_example("supply-chain.yaml").await;
+    env.wait_phase("supply-chain-planner-7", "Authorized", T).await;
+    env.wait_phase("optimise-routes-7", "Authorized", T).await;
+
+    let depth = json!({"spec": {"maxDelegationDepth": 0}});
+    env.grants().patch("alice-planner", &PatchParams::default(), &Patch::Merge(&depth)).await.unwrap();
+    let child = env.wait_phase("optimise-routes-7", "Revoked", T).await.status.unwrap();
+    assert_eq!(child.reason.as_deref(), Some("DelegationDepthExceeded"), "{child:?}");
+
+    env.apply_value(json!({
+        "apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
+        "metadata": {"name": "optimise-routes-8", "namespace": env.ns},
+        "spec": {"agent": "route-optimiser", "principal": "alice@example.com",
+                 "parentRun": "supply-chain-planner-7", "task": "again",
+                 "scopes": ["inventory:read"], "audiences": ["inventory-service"], "maxDuration": "30m"},
+    }))
+    .await;
+    let denied = env.wait_phase("optimise-routes-8", "Denied", T).await.status.unwrap();
+    assert_eq!(denied.reason.as_deref(), Some("DelegationDepthExceeded"), "{denied:?}");
+    assert!(denied.token_issued_at.is_none() && denied.service_account.is_none(), "no credentials: {denied:?}");
+
+    let planner = env.runs().get("supply-chain-planner-7").await.unwrap().status.unwrap();
+    assert!(planner.phase.is_some_and(deputy::resources::RunPhase::is_active), "{planner:?}");
+    assert_eq!(planner.remaining_delegation_depth, Some(0), "{planner:?}");
+}

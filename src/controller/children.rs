@@ -98,10 +98,18 @@ pub struct RunInfo<'a> {
 
 /// The Secret that holds the run token and `run.json`; the kubelet projects both into the
 /// pod and updates them atomically on rotation.
-pub fn desired_secret(run: &AgentRun, token: &str, info: &RunInfo<'_>) -> Result<Secret, serde_json::Error> {
+pub fn desired_secret(
+    run: &AgentRun,
+    token: &str,
+    number: u32,
+    info: &RunInfo<'_>,
+) -> Result<Secret, serde_json::Error> {
     let run_json = serde_json::to_vec_pretty(info)?;
+    let mut metadata = child_meta(run);
+    metadata.annotations =
+        Some(BTreeMap::from([(crate::runs::TOKEN_NUMBER_ANNOTATION.to_string(), number.to_string())]));
     Ok(Secret {
-        metadata: child_meta(run),
+        metadata,
         type_: Some(SECRET_TYPE.to_string()),
         data: Some(BTreeMap::from([
             (TOKEN_KEY.to_string(), ByteString(token.as_bytes().to_vec())),

@@ -134,7 +134,8 @@ fn secret_holds_token_and_run_json() {
         next_rotation_at: now(),
         deadline: now(),
     };
-    let s = desired_secret(&r, "TOKEN", &info).unwrap();
+    let s = desired_secret(&r, "TOKEN", 3, &info).unwrap();
+    assert_eq!(crate::runs::token_number(&s.metadata), 3, "the Secret says which token it holds");
     let data = s.data.unwrap();
     assert_eq!(data["token"].0, b"TOKEN");
     let j: serde_json::Value = serde_json::from_slice(&data["run.json"].0).unwrap();

@@ -99,6 +99,10 @@ pub enum Error {
     /// The plan kept asking for observations (a bug: each is asked for at most once).
     #[error("the reconcile plan did not settle")]
     Unsettled,
+    /// The API server holds a newer copy of a child than the cache shows (written by a
+    /// process that stopped, or just now): retried once the cache has it, never written over.
+    #[error("the {0} changed since the cache saw it")]
+    CacheBehind(String),
 }
 
 impl Error {
@@ -112,6 +116,7 @@ impl Error {
             Error::MissingField(_) => "invalid_object",
             Error::NameTaken(_) => "name_taken",
             Error::Unsettled => "unsettled",
+            Error::CacheBehind(_) => "cache_behind",
         }
     }
 }
@@ -148,6 +153,10 @@ pub struct Context {
     /// read it from the token: the authority a change of grants is compared with (the status
     /// says the same, but anyone allowed to write the status could narrow it to hide a pair).
     held: Mutex<HashMap<String, plan::Held>>,
+    /// The number of the last token this process wrote to each run's Secret (by uid), and the
+    /// Secret's resourceVersion after the write (`None`: its outcome is unknown): ahead of the
+    /// Secret cache, so a failed status write never makes two tokens of one number.
+    numbered: Mutex<HashMap<String, (u32, Option<String>)>>,
     /// Grants and Agents whose status (active run counts) may have changed.
     status_triggers: mpsc::UnboundedSender<StatusTrigger>,
 }
@@ -188,7 +197,9 @@ impl Context {
     fn backoff(&self, key: &str, err: &Error) -> Duration {
         // A conflict or a failed JSON-patch test means our copy was stale: retry soon, and do
         // not let it grow the backoff of a healthy object.
-        if matches!(err, Error::Kube(kube::Error::Api(s)) if s.code == 409 || s.code == 422) {
+        if matches!(err, Error::Kube(kube::Error::Api(s)) if s.code == 409 || s.code == 422)
+            || matches!(err, Error::CacheBehind(_))
+        {
             return Duration::from_millis(200);
         }
         let mut f = match self.failures.lock() {
@@ -237,6 +248,30 @@ impl Context {
             }
             None => {
                 h.remove(uid);
+            }
+        }
+    }
+
+    /// The number of the last token this process wrote for the run `uid` (0: none), and the
+    /// Secret's resourceVersion that write made, when known.
+    fn token_number(&self, uid: &str) -> (u32, Option<String>) {
+        self.numbered.lock().ok().and_then(|n| n.get(uid).cloned()).unwrap_or((0, None))
+    }
+
+    /// Remembers that token `number` was written for the run `uid`, making the Secret's
+    /// resourceVersion `version` (`None`: not yet known; `number` `None`: the run ended).
+    fn numbered(&self, uid: &str, number: Option<(u32, Option<String>)>) {
+        let Ok(mut n) = self.numbered.lock() else { return };
+        match number {
+            Some(number) => {
+                // Bounded like `held`: a forgotten run falls back to its Secret's annotation.
+                if n.len() >= 200_000 {
+                    n.clear();
+                }
+                n.insert(uid.to_string(), number);
+            }
+            None => {
+                n.remove(uid);
             }
         }
     }
@@ -480,6 +515,7 @@ pub async fn run(
         failures: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
         held: Mutex::new(HashMap::new()),
+        numbered: Mutex::new(HashMap::new()),
         status_triggers: tx,
     });
 

@@ -10,6 +10,7 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -99,6 +100,46 @@ where
     obj.meta_mut().uid = Some(uid);
     api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await?;
     Ok(())
+}
+
+/// Writes the run's Secret, which holds its token: like [`put`], but only over the copy this
+/// process last saw (`seen`, its resourceVersion, as a precondition). A Secret written since by
+/// a process that stopped, whose token this one never counted, is never written over with a
+/// token of the same number: the write is [`Error::CacheBehind`] (or a 409), retried once the
+/// cache shows that Secret. Returns the resourceVersion the write made.
+pub async fn put_over(
+    api: &Api<Secret>,
+    obj: &Secret,
+    run: &AgentRun,
+    known: Found,
+    seen: Option<String>,
+) -> Result<Option<String>, Error> {
+    let name = obj.meta().name.clone().ok_or(Error::MissingField("metadata.name"))?;
+    match known {
+        Found::Foreign { leaving } => Err(taken::<Secret>(&name, leaving)),
+        Found::Ours { uid } => {
+            let Some(version) = seen else { return Err(Error::CacheBehind(format!("Secret {name:?}"))) };
+            let mut obj = obj.clone();
+            obj.metadata.uid = Some(uid);
+            obj.metadata.resource_version = Some(version);
+            let written = api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await?;
+            Ok(written.metadata.resource_version)
+        }
+        Found::Absent => {
+            let params = PostParams { field_manager: Some(MANAGER.to_string()), ..Default::default() };
+            match api.create(&params, obj).await {
+                Ok(created) => Ok(created.metadata.resource_version),
+                Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => {
+                    match look::<Secret, Secret>(api, None, run).await? {
+                        Found::Ours { .. } => Err(Error::CacheBehind(format!("Secret {name:?}"))),
+                        Found::Foreign { leaving } => Err(taken::<Secret>(&name, leaving)),
+                        Found::Absent => Err(taken::<Secret>(&name, true)),
+                    }
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
 }
 
 /// Deletes the run's own child, if there is one; someone else's is left alone.

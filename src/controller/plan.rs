@@ -61,6 +61,9 @@ pub struct Children {
     pub pod: Pod,
     pub service_account: Found,
     pub secret: Found,
+    /// The number of the token the run's Secret holds (its annotation, or this process's
+    /// memory of its last write; 0 when unknown).
+    pub secret_token: u32,
 }
 
 /// The run's pod.
@@ -126,6 +129,9 @@ pub enum Mint {
     Rotation,
     /// The run's Secret is gone.
     SecretMissing,
+    /// The Secret holds a token the status does not record (Deputy stopped, or its status
+    /// write failed, between the two writes): a new one, recorded, takes its place.
+    Unrecorded,
 }
 
 impl Mint {
@@ -133,6 +139,7 @@ impl Mint {
         match self {
             Mint::Rotation => "Rotation",
             Mint::SecretMissing => "SecretMissing",
+            Mint::Unrecorded => "Unrecorded",
         }
     }
 }
@@ -157,6 +164,9 @@ pub struct Keep {
     /// The ServiceAccount is missing: create it.
     pub create_service_account: bool,
     pub mint: Option<Mint>,
+    /// How many tokens the run has had so far ([`tokens_written`]): a new one is numbered
+    /// after them, and the status's `rotations` becomes this.
+    pub tokens: u32,
 }
 
 /// The next step for a run.
@@ -280,10 +290,13 @@ fn keep_active(o: &Observed, auth: &Authorization) -> Step {
     if let Found::Foreign { leaving } = children.secret {
         return Step::Taken { child: Child::Secret, leaving };
     }
+    let tokens = tokens_written(&o.status, children.secret_token);
     let mint = if !can_mint(o.now, auth.deadline) {
         None
     } else if children.secret == Found::Absent {
         Some(Mint::SecretMissing)
+    } else if tokens > tokens_recorded(&o.status) {
+        Some(Mint::Unrecorded)
     } else if rotation_due(&o.status, auth.deadline, &o.uid, o.now) {
         Some(Mint::Rotation)
     } else {
@@ -295,7 +308,20 @@ fn keep_active(o: &Observed, auth: &Authorization) -> Step {
         pod,
         create_service_account: children.service_account == Found::Absent,
         mint,
+        tokens,
     })
+}
+
+/// The tokens the status records: its first and its rotations.
+fn tokens_recorded(status: &AgentRunStatus) -> u32 {
+    if status.token_issued_at.is_some() { status.rotations.saturating_add(1) } else { 0 }
+}
+
+/// How many tokens the run has had written: what the status records, or the number of the one
+/// its Secret holds when that is higher (a write whose status was lost). Every token written is
+/// counted, so `rotations + 1` bounds the tokens a run ever had.
+pub fn tokens_written(status: &AgentRunStatus, secret_token: u32) -> u32 {
+    tokens_recorded(status).max(secret_token)
 }
 
 /// Whether a token minted now could outlive `now` (tokens carry whole seconds, and one is

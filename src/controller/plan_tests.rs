@@ -45,6 +45,7 @@ fn all_there(pod_running: bool) -> Children {
         pod: Pod { found: ours(), end: None, running: pod_running, labelled: true },
         service_account: ours(),
         secret: ours(),
+        secret_token: 1,
     }
 }
 
@@ -410,6 +411,32 @@ fn rotation_is_due_at_about_half_life_and_never_loops_before_the_deadline() {
     assert_eq!(keep(plan(&late(t0() + SignedDuration::from_millis(59_900)))).mint, Some(Mint::SecretMissing));
     assert!(!can_mint(t0() + SignedDuration::from_millis(60_200), deadline));
     assert!(can_mint(deadline - secs(1), deadline));
+}
+
+/// Every token written is counted, so `rotations + 1` bounds the tokens a run ever had: a
+/// Secret holding a token the status does not record (Deputy stopped, or its status write
+/// failed, between the two writes) is replaced at once by one numbered after it, recorded.
+#[test]
+fn a_token_whose_status_write_was_lost_is_counted_and_replaced() {
+    // (rotations recorded, the Secret's token number, mint, tokens written so far)
+    let cases = [
+        (0, 1, None, 1),
+        (0, 0, None, 1), // an older Secret without the annotation
+        (3, 4, None, 4),
+        (3, 2, None, 4), // the Secret cache is behind the status
+        (0, 2, Some(Mint::Unrecorded), 2),
+        (3, 6, Some(Mint::Unrecorded), 6),
+    ];
+    for (rotations, secret_token, mint, tokens) in cases {
+        let mut st = status(RunPhase::Running);
+        st.rotations = rotations;
+        let o = Observed { status: st, children: Some(Children { secret_token, ..all_there(true) }), ..running() };
+        let k = keep(plan(&o));
+        assert_eq!((k.mint, k.tokens), (mint, tokens), "rotations {rotations}, Secret's token {secret_token}");
+    }
+    // Before any token is recorded (a pending run), the Secret's number is all there is.
+    assert_eq!(tokens_written(&AgentRunStatus::default(), 0), 0);
+    assert_eq!(tokens_written(&AgentRunStatus::default(), 1), 1);
 }
 
 #[test]

@@ -425,7 +425,14 @@ async fn mint(
         next_rotation_at: next,
         deadline,
     };
-    let desired = children::desired_secret(run, &token, &info)?;
+    let number = rotations.saturating_add(1);
+    // The Secret's number and resourceVersion from one look: if it holds this number already
+    // (a write the plan did not see yet), this token is not written over it.
+    let (held, seen) = seen_secret(run, ctx);
+    if held >= number {
+        return Err(Error::CacheBehind(format!("Secret {:?} (it holds token {held})", runs::child_name(&name))));
+    }
+    let desired = children::desired_secret(run, &token, number, &info)?;
     // The token's audit line is written before the token leaves the process.
     let actors = auth.actors().to_vec();
     let audit_scopes: Vec<String> = auth.scopes.iter().map(ToString::to_string).collect();
@@ -440,7 +447,12 @@ async fn mint(
         ..Record::new(action, &run.spec.principal, &actors, &ns, &name, &run.spec.agent)
     }
     .emit();
-    owned::put(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), &desired, run, Some(secret)).await?;
+    // Remembered before the write's answer: a write that fails may still have landed.
+    let uid = run.uid().unwrap_or_default();
+    ctx.numbered(&uid, Some((number, None)));
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
+    let version = owned::put_over(&api, &desired, run, secret, seen).await?;
+    ctx.numbered(&uid, Some((number, version)));
     ctx.hold(&run.uid().unwrap_or_default(), Some(auth.authority.clone()));
     ctx.metrics.token_minted("run");
     Ok(Minted { issued_at: now, expires_at: expires, jti: claims.jti })
@@ -480,7 +492,11 @@ async fn authorize(run: &AgentRun, ctx: &Context, auth: Authorization, now: Time
     }
     .emit();
     let secret_known = owned::known(&ctx.stores.secrets, run).unwrap_or(Found::Absent);
-    let minted = mint(run, ctx, &auth, status.rotations, secret_known, None, now).await?;
+    // A Secret of the run's already (Deputy stopped after writing it, before the status):
+    // its token is counted, and the new one numbered after it.
+    let tokens = plan::tokens_written(&status, secret_token(run, ctx));
+    let minted = mint(run, ctx, &auth, tokens, secret_known, None, now).await?;
+    status.rotations = tokens;
     let exp = minted.expires_at;
 
     status.phase = Some(RunPhase::Authorized);
@@ -570,7 +586,30 @@ async fn observe_children(run: &AgentRun, ctx: &Context) -> Result<Children, Err
         run,
     )
     .await?;
-    Ok(Children { pod, service_account, secret })
+    Ok(Children { pod, service_account, secret, secret_token: secret_token(run, ctx) })
+}
+
+/// The number of the token the run's Secret holds: its annotation in the cache (the cache
+/// holds only Deputy-labelled Secrets; one not owned by the run counts nothing), or this
+/// process's memory of its last write when that is ahead.
+fn secret_token(run: &AgentRun, ctx: &Context) -> u32 {
+    let cached = owned::cached(&ctx.stores.secrets, run)
+        .filter(|s| runs::owned_by(&s.metadata, run))
+        .map_or(0, |s| runs::token_number(&s.metadata));
+    cached.max(ctx.token_number(&run.uid().unwrap_or_default()).0)
+}
+
+/// The run's Secret as this process last saw it: the number of the token it holds and its
+/// resourceVersion, from this process's own last write when the cache is behind it, else from
+/// the cache's copy (`None`: neither knows a version).
+fn seen_secret(run: &AgentRun, ctx: &Context) -> (u32, Option<String>) {
+    let cached = owned::cached(&ctx.stores.secrets, run).filter(|s| runs::owned_by(&s.metadata, run));
+    let cached_number = cached.as_ref().map_or(0, |s| runs::token_number(&s.metadata));
+    match ctx.token_number(&run.uid().unwrap_or_default()) {
+        (number, Some(version)) if number > cached_number => (number, Some(version)),
+        (number, None) if number > cached_number => (number, cached.and_then(|s| s.metadata.resource_version.clone())),
+        _ => (cached_number, cached.and_then(|s| s.metadata.resource_version.clone())),
+    }
 }
 
 /// Keeps an active run going, as planned: puts back its pod's label, recreates its missing
@@ -584,7 +623,7 @@ async fn keep_active(
     secret: Found,
     now: Timestamp,
 ) -> Result<Action, Error> {
-    let Keep { auth, relabel_pod, pod, create_service_account, mint: why } = keep;
+    let Keep { auth, relabel_pod, pod, create_service_account, mint: why, tokens } = keep;
     // The status reports the decision just made (narrowed bounds apply from the next mint).
     auth.record_in(&mut status);
     let ns = run.namespace().unwrap_or_default();
@@ -634,10 +673,10 @@ async fn keep_active(
         owned::put(&Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns), &sa, run, Some(Found::Absent)).await?;
     }
     if let Some(why) = why {
-        let minted = mint(run, ctx, &auth, status.rotations + 1, secret, Some(why), now).await?;
+        let minted = mint(run, ctx, &auth, tokens, secret, Some(why), now).await?;
         let exp = minted.expires_at;
         minted.record_in(&mut status);
-        status.rotations += 1;
+        status.rotations = tokens;
         set_condition(
             &mut status.conditions,
             Condition::new(
@@ -678,12 +717,17 @@ async fn mark_ended(run: &AgentRun, ctx: &Context, why: End) -> Result<(), Error
 
 async fn end(run: &AgentRun, ctx: &Context, why: End, message: &str) -> Result<Action, Error> {
     let now = ctx.now();
+    let tokens =
+        plan::tokens_written(run.status.as_ref().unwrap_or(&AgentRunStatus::default()), secret_token(run, ctx));
     ctx.hold(&run.uid().unwrap_or_default(), None);
+    ctx.numbered(&run.uid().unwrap_or_default(), None);
     mark_ended(run, ctx, why).await?;
     let ns = run.namespace().unwrap_or_default();
     let name = run.name_any();
     let mut status = run.status.clone().unwrap_or_default();
     let was_active = status.phase.is_some_and(RunPhase::is_active);
+    // Every token the run had is counted, one whose status write was lost too.
+    status.rotations = status.rotations.max(tokens.saturating_sub(1));
     let (phase, reason) = (why.phase(), why.as_str());
     status.phase = Some(phase);
     status.reason = Some(reason.into());
@@ -793,6 +837,7 @@ async fn cleanup(run: &AgentRun, ctx: &Context) -> Result<Action, Error> {
     let status = run.status.clone().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
     ctx.hold(&uid, None);
+    ctx.numbered(&uid, None);
     // A second cleanup (the finalizer's removal not yet in the cache) records nothing again.
     if status.phase.is_some_and(RunPhase::is_active) && !ctx.cache_is_behind(&uid, run.status.as_ref()) {
         let ns = run.namespace().unwrap_or_default();

@@ -26,6 +26,15 @@ pub const AGENT_LABEL: &str = "deputy.dev/agent";
 /// The annotation the token endpoint sets when a run revokes itself; the controller ends the
 /// run, and every replica treats the run as inactive from the moment it sees it.
 pub const REVOKE_ANNOTATION: &str = "deputy.dev/revoke-requested";
+/// On a run's Secret: which of the run's tokens it holds (1 for the first). The status counts
+/// the tokens it recorded; a Secret written just before Deputy stopped, whose status write was
+/// lost, holds one more, and the next token is numbered after it.
+pub const TOKEN_NUMBER_ANNOTATION: &str = "deputy.dev/token-number";
+
+/// The token number a Secret's metadata carries (0: none, or not a number).
+pub fn token_number(meta: &ObjectMeta) -> u32 {
+    meta.annotations.as_ref().and_then(|a| a.get(TOKEN_NUMBER_ANNOTATION)).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
 
 fn short_hash(s: &str) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
