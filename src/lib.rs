@@ -9,6 +9,7 @@
 //! - [`runs`]: what the controller and the token endpoint both know of a run (child names,
 //!   ownership by uid, the pod's end, the one liveness rule) and the pod contract;
 //! - [`tokens`]: claims, signing keys, minting and verification of JWTs;
+//! - [`lease`]: the leader's own check that it still holds its Lease;
 //! - [`cli`]: the `deputy` command line.
 
 pub mod audit;
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod controller;
 pub mod duration;
 pub mod http_client;
+pub mod lease;
 pub mod metrics;
 pub mod registration;
 pub mod resources;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Args;
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::authorization::Policy;
 use crate::controller::{self, ChildConfig, ControllerConfig, Watches};
+use crate::lease;
 use crate::metrics::Metrics;
 use crate::server::{self, EndpointState, review::Reviewer};
 use crate::signing::{self, KeyStore};
@@ -300,11 +302,13 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
     // Leader election: one replica reconciles, every replica serves tokens. Until elected,
     // a replica only keeps its caches current.
     let identity = args.instance.clone().unwrap_or_else(|| format!("deputy-{}", uuid::Uuid::new_v4()));
+    // Renewed half-way: a renewal has half the lease to land before the leader gives up.
+    let grace_seconds = (lease_seconds / 2).max(1);
     let lease = LeaseManagerBuilder::new(client.clone(), &args.lease)
         .with_namespace(&args.namespace)
         .with_identity(&identity)
         .with_duration(lease_seconds)
-        .with_grace((lease_seconds / 3).max(1))
+        .with_grace(grace_seconds)
         .build()
         .await
         .map_err(|e| format!("leader election on Lease {}/{}: {e}", args.namespace, args.lease))?;
@@ -346,6 +350,21 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         let mut stop = stop_rx.clone();
         let mut still_leader = leader.clone();
         let (lost_tx, mut lost_rx) = watch::channel(false);
+        // The lease manager does not notice renewals that fail: the leader checks its Lease
+        // itself, and steps down before another replica may take it (see `lease`).
+        let (margin, every) = lease::timings(
+            std::time::Duration::from_secs(lease_seconds),
+            std::time::Duration::from_secs(grace_seconds),
+        );
+        let lease_seconds_signed = jiff::SignedDuration::from_secs(i64::try_from(lease_seconds).unwrap_or(i64::MAX));
+        let until = jiff::Timestamp::now()
+            .checked_add(lease_seconds_signed - margin)
+            .unwrap_or_else(|_| jiff::Timestamp::now());
+        let lease_api: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
+        let (lease_name, me) = (args.lease.clone(), identity.clone());
+        // A task of its own: the controller's stop signal must be Sync, a client call is not.
+        let mut watchdog =
+            tokio::spawn(async move { lease::watch(lease_api, &lease_name, &me, until, margin, every).await });
         let ended = async move {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => {}
@@ -353,7 +372,13 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
                     tracing::error!("lost the leader lease; stopping so that another replica reconciles");
                     let _ = lost_tx.send(true);
                 }
+                lost = &mut watchdog => {
+                    let reason = lost.map_or_else(|e| format!("the lease check stopped: {e}"), |l| l.to_string());
+                    tracing::error!(%reason, "cannot be sure of the leader lease; stopping before another replica may take it");
+                    let _ = lost_tx.send(true);
+                }
             }
+            watchdog.abort();
         };
         controller::run(client.clone(), cfg, keys, watches, metrics, args.instance.clone(), ended).await;
         lost = *lost_rx.borrow_and_update();
@@ -391,8 +416,9 @@ async fn wait_for_api_server(client: &kube::Client, mut stop: watch::Receiver<bo
     }
 }
 
-/// The lease duration in whole seconds: at least 2 (so that the renewal, a third before the
-/// end, comes after the lease was taken).
+/// The lease duration in whole seconds: at least 2 (so that the renewal, half-way, comes
+/// after the lease was taken, and the grace is shorter than the lease, as kube-lease-manager
+/// requires).
 fn lease_seconds(v: &str) -> Result<u64, String> {
     let d = dur("leader-election-lease-duration", v)?;
     match u64::try_from(d.as_secs()) {

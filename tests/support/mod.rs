@@ -224,6 +224,17 @@ impl Env {
     /// Starts another `deputy run` process on the given ports (for leader-election tests)
     /// and waits until it is ready.
     pub async fn spawn_operator(&self, port: u16, admin_port: u16, instance: &str) -> Operator {
+        self.spawn_operator_via(port, admin_port, instance, &self.kubeconfig).await
+    }
+
+    /// Like [`Env::spawn_operator`], with another kubeconfig (one through a [`Partition`]).
+    pub async fn spawn_operator_via(
+        &self,
+        port: u16,
+        admin_port: u16,
+        instance: &str,
+        kubeconfig: &std::path::Path,
+    ) -> Operator {
         let log = self.dir.join(format!("operator-{instance}-{}.log", uuid::Uuid::new_v4()));
         let stderr = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_deputy"))
@@ -237,7 +248,7 @@ impl Env {
             .args(["--leader-election-lease-duration", LEASE_DURATION])
             .args(["--tls-reload-interval", "1s"])
             .args(&self.extra_args)
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,deputy=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -638,4 +649,75 @@ pub async fn create_object(client: &Client, obj: &Value, strict: bool) -> Result
         .body(serde_json::to_vec(obj).unwrap())
         .unwrap();
     send(client, req).await
+}
+
+/// A network partition between one client and the API server: a TCP proxy on 127.0.0.1 that
+/// forwards to the API server until [`Partition::cut`], then drops every connection and
+/// refuses new ones (accepted and closed at once) until [`Partition::heal`].
+pub struct Partition {
+    pub kubeconfig: PathBuf,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    /// A proxy to the API server of `env`'s kubeconfig, and a copy of that kubeconfig through it.
+    pub async fn start(env: &Env) -> Partition {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let original = std::fs::read_to_string(&env.kubeconfig).unwrap();
+        let server = original
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server:"))
+            .map(|s| s.trim().trim_matches('"').to_string())
+            .expect("the kubeconfig names its server");
+        let (scheme, rest) = server.split_once("://").unwrap();
+        let upstream = rest.trim_end_matches('/').to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let kubeconfig = env.dir.join(format!("kubeconfig-partition-{port}"));
+        std::fs::write(&kubeconfig, original.replace(&server, &format!("{scheme}://127.0.0.1:{port}"))).unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn({
+            let (cut, generation) = (cut.clone(), generation.clone());
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if cut.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    let (upstream, cut, generation) = (upstream.clone(), cut.clone(), generation.clone());
+                    let born = generation.load(Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                        let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+                        let severed = async {
+                            while !cut.load(Ordering::SeqCst) && generation.load(Ordering::SeqCst) == born {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        };
+                        tokio::select! { _ = copy => {}, _ = severed => {} }
+                    });
+                }
+            }
+        });
+        Partition { kubeconfig, cut, generation, task }
+    }
+
+    /// Every connection through the proxy is dropped, and new ones are refused.
+    pub fn cut(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
