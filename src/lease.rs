@@ -57,8 +57,31 @@ pub fn timings(duration: Duration, grace: Duration) -> (SignedDuration, Duration
     (SignedDuration::try_from(quarter).unwrap_or(SignedDuration::ZERO), quarter)
 }
 
+/// Resolves once a read of the Lease shows it held by `identity` and not yet run out: until
+/// when it may act as leader. A replica restarted under the same identity is "elected" at
+/// once by kube-lease-manager, on the lease its previous life held (maybe run out, and free
+/// for another replica to take); it renews at once, and this waits for that renewal.
+pub async fn confirm(
+    api: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    margin: SignedDuration,
+    every: Duration,
+) -> Timestamp {
+    loop {
+        if let Ok(Ok(Some(lease))) =
+            tokio::time::timeout(every.max(Duration::from_millis(500)), api.get_opt(name)).await
+            && let Ok(until) = holds_until(lease.spec.as_ref(), identity, margin)
+            && until > Timestamp::now()
+        {
+            return until;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Resolves once this replica can no longer be sure it holds the Lease `name` as `identity`.
-/// `until` is when it may act as leader without another read (from its election).
+/// `until` is when it may act as leader without another read ([`confirm`]).
 pub async fn watch(
     api: Api<Lease>,
     name: &str,

@@ -712,3 +712,81 @@ async fn lowering_a_grants_depth_reaches_the_chain() {
     assert!(planner.phase.is_some_and(deputy::resources::RunPhase::is_active), "{planner:?}");
     assert_eq!(planner.remaining_delegation_depth, Some(0), "{planner:?}");
 }
+
+/// Finding 3 (high): raising a parent's `remainingDelegationDepth` in its status let a
+/// grandchild be authorised beyond the grant's depth. The chain is decided from the grants up,
+/// never from a status: the planner may delegate once, so its child may not, whatever the
+/// child's status says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parents_forged_depth_never_lets_a_grandchild_through() {
+    let env = Env::start().await;
+    env.apply_example("supply-chain.yaml").await;
+    env.wait_phase("optimise-routes-7", "Authorized", T).await;
+    forge_status(&env, "optimise-routes-7", json!({"remainingDelegationDepth": 5})).await;
+    env.apply_value(json!({
+        "apiVersion": "deputy.dev/v1alpha1", "kind": "AgentRun",
+        "metadata": {"name": "grandchild", "namespace": env.ns},
+        "spec": {"agent": "route-optimiser", "principal": "alice@example.com",
+                 "parentRun": "optimise-routes-7", "task": "one level too deep",
+                 "scopes": ["inventory:read"], "audiences": ["inventory-service"], "maxDuration": "30m"},
+    }))
+    .await;
+    let denied = env.wait_phase("grandchild", "Denied", T).await.status.unwrap();
+    assert_eq!(denied.reason.as_deref(), Some("DelegationDepthExceeded"), "{denied:?}");
+    assert!(denied.token_issued_at.is_none() && denied.service_account.is_none(), "no credentials: {denied:?}");
+    // The parent's status reports the decision again.
+    let parent = env
+        .wait_run("optimise-routes-7", T, |r| r.status.as_ref().and_then(|s| s.remaining_delegation_depth) == Some(0))
+        .await;
+    assert!(parent.status.unwrap().phase.is_some_and(deputy::resources::RunPhase::is_active));
+}
+
+/// Finding 3: a status written back to live *with* its end removed (`completedAt` and
+/// `revokedAt` nulled) is still an ended run: Deputy marks every run it ends
+/// (`deputy.dev/ended`, with the reason), the token endpoint treats the mark as dead, and the
+/// controller ends the run again for that reason, creating nothing for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_deputy_ended_stays_ended_when_its_end_is_erased_from_the_status() {
+    use kube::ResourceExt;
+    use kube::api::{Patch, PatchParams};
+    let env = Env::start().await;
+    env.apply_example("gdpr-compliance.yaml").await;
+    env.wait_phase("gdpr-check-q4", "Authorized", T).await;
+    let token = env.run_token("gdpr-check-q4").await.unwrap();
+    // Ended by a withdrawn consent: no revoke annotation, and the pod is removed.
+    let withdraw = json!({"spec": {"scopes": ["compliance:privacy:check"]}});
+    env.grants().patch("alice-gdpr", &PatchParams::default(), &Patch::Merge(&withdraw)).await.unwrap();
+    let ended = env.wait_phase("gdpr-check-q4", "Revoked", T).await;
+    assert_eq!(
+        ended.annotations().get(deputy::resources::ENDED_ANNOTATION).map(String::as_str),
+        Some("AuthorityReduced")
+    );
+    let pods: kube::Api<Pod> = env.api();
+    assert!(support::wait_until(T, || async { !support::exists(&pods, "deputy-run-gdpr-check-q4").await }).await);
+    // Consent back, so that only the mark stands between the run and a new token.
+    let restore = json!({"spec": {"scopes": ["compliance:audit:*", "compliance:privacy:check"]}});
+    env.grants().patch("alice-gdpr", &PatchParams::default(), &Patch::Merge(&restore)).await.unwrap();
+
+    forge_status(
+        &env,
+        "gdpr-check-q4",
+        json!({"phase": "Authorized", "reason": "Authorized", "completedAt": null, "revokedAt": null}),
+    )
+    .await;
+    let caller = env.resource_server_token().await;
+    let (status, body) = env.post("/introspect", &[("token", &token)], Some(&caller)).await;
+    assert_eq!((status, &body["active"]), (200, &json!(false)), "the mark makes it dead: {body}");
+    // Ended again, for the reason the mark records.
+    let back = env
+        .wait_run("gdpr-check-q4", T, |r| {
+            r.status.as_ref().is_some_and(|s| s.completed_at.is_some() && s.phase.is_some_and(|p| p.is_terminal()))
+        })
+        .await
+        .status
+        .unwrap();
+    assert_eq!(back.phase, Some(deputy::resources::RunPhase::Revoked), "{back:?}");
+    assert_eq!(back.reason.as_deref(), Some("AuthorityReduced"), "{back:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(env.run_token("gdpr-check-q4").await.is_none(), "no Secret again");
+    assert!(!support::exists(&pods, "deputy-run-gdpr-check-q4").await, "no pod again");
+}

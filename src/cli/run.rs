@@ -313,16 +313,39 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("leader election on Lease {}/{}: {e}", args.namespace, args.lease))?;
     let (mut leader, lease_task) = lease.watch().await;
+    // The lease manager does not notice renewals that fail: the leader checks its Lease
+    // itself, and steps down before another replica may take it (see `lease`).
+    let (margin, every) =
+        lease::timings(std::time::Duration::from_secs(lease_seconds), std::time::Duration::from_secs(grace_seconds));
+    let lease_api: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
+    let mut confirmed = None;
     let mut stop = stop_rx.clone();
     let elected = tokio::select! {
         w = watches.drain_until({
             let mut synced = synced_rx.clone();
             let leader = &mut leader;
+            let confirmed = &mut confirmed;
+            let (api, name, me) = (&lease_api, &args.lease, &identity);
             async move {
                 // Hand the streams to the controller only once the caches are full, so that
                 // its first pass sees every object.
                 let _ = synced.wait_for(|s| *s).await;
-                let _ = leader.wait_for(|l| *l).await;
+                loop {
+                    let _ = leader.wait_for(|l| *l).await;
+                    // Elected, and leader once a read of the Lease shows it ours and live.
+                    let lost = async {
+                        if leader.wait_for(|l| !*l).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        until = lease::confirm(api, name, me, margin, every) => {
+                            *confirmed = Some(until);
+                            break;
+                        }
+                        _ = lost => {}
+                    }
+                }
             }
         }) => Some(w),
         _ = stop.wait_for(|s| *s) => None,
@@ -330,6 +353,8 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
     let mut lost = false;
     if let Some(watches) = elected.filter(|_| !*stop_rx.borrow()) {
         tracing::info!(identity = %identity, "elected leader; reconciling");
+        // What only the leader does stops when it stops leading, not only with the process.
+        let (leading_tx, leading_stop) = watch::channel(false);
         spawn_key_rotation(
             keys.clone(),
             secrets,
@@ -338,7 +363,7 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
             alg,
             rotation,
             lifetime,
-            stop_rx.clone(),
+            leading_stop,
         );
         let cfg = ControllerConfig {
             policy,
@@ -350,17 +375,8 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
         let mut stop = stop_rx.clone();
         let mut still_leader = leader.clone();
         let (lost_tx, mut lost_rx) = watch::channel(false);
-        // The lease manager does not notice renewals that fail: the leader checks its Lease
-        // itself, and steps down before another replica may take it (see `lease`).
-        let (margin, every) = lease::timings(
-            std::time::Duration::from_secs(lease_seconds),
-            std::time::Duration::from_secs(grace_seconds),
-        );
-        let lease_seconds_signed = jiff::SignedDuration::from_secs(i64::try_from(lease_seconds).unwrap_or(i64::MAX));
-        let until = jiff::Timestamp::now()
-            .checked_add(lease_seconds_signed - margin)
-            .unwrap_or_else(|_| jiff::Timestamp::now());
-        let lease_api: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
+        let until = confirmed.unwrap_or_else(jiff::Timestamp::now);
+        let lease_api = lease_api.clone();
         let (lease_name, me) = (args.lease.clone(), identity.clone());
         // A task of its own: the controller's stop signal must be Sync, a client call is not.
         let mut watchdog =
@@ -379,6 +395,7 @@ async fn run_inner(args: RunArgs) -> Result<(), String> {
                 }
             }
             watchdog.abort();
+            let _ = leading_tx.send(true);
         };
         controller::run(client.clone(), cfg, keys, watches, metrics, args.instance.clone(), ended).await;
         lost = *lost_rx.borrow_and_update();

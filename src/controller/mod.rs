@@ -635,11 +635,18 @@ pub async fn run(
                 tracing::debug!(error = %e, "reconcile stream");
             }
         });
-    let stopper = async move {
-        shutdown.await;
-        let _ = shutdown_tx.send(());
+    // The stop is immediate, not graceful: it comes when the process ends or when this
+    // replica can no longer be sure it leads, and then no reconcile in flight may go on
+    // writing next to the new leader's (each is idempotent: the new leader redoes it).
+    let work = async move {
+        tokio::join!(controller, status_loop);
     };
-    tokio::join!(controller, status_loop, stopper);
+    tokio::select! {
+        _ = work => {}
+        _ = shutdown => {
+            let _ = shutdown_tx.send(());
+        }
+    }
 }
 
 /// Of a run's children Deputy reads back only which object it is, whose it is (the owner

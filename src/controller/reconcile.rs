@@ -451,7 +451,9 @@ async fn mint(
     let uid = run.uid().unwrap_or_default();
     ctx.numbered(&uid, Some((number, None)));
     let api = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
+    tracing::debug!(run = %name, number, held, over = ?seen, known = ?secret, "writing the run token");
     let version = owned::put_over(&api, &desired, run, secret, seen).await?;
+    tracing::debug!(run = %name, number, version = ?version, "run token written");
     ctx.numbered(&uid, Some((number, version)));
     ctx.hold(&run.uid().unwrap_or_default(), Some(auth.authority.clone()));
     ctx.metrics.token_minted("run");
