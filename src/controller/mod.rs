@@ -377,7 +377,7 @@ impl Watches {
         let secrets = reflector::reflector(
             secrets_writer,
             watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), children.clone())
-                .modify(|o| keep_identity(&mut o.metadata)),
+                .modify(|o| keep_token_number(&mut o.metadata)),
         )
         .default_backoff()
         .touched_objects()
@@ -665,6 +665,15 @@ fn keep_identity(meta: &mut kube::api::ObjectMeta) {
     };
 }
 
+/// A run's Secret keeps its identity and the number of the token it holds
+/// ([`crate::runs::TOKEN_NUMBER_ANNOTATION`]): after a restart, that number is how a token
+/// whose status write was lost is counted.
+fn keep_token_number(meta: &mut kube::api::ObjectMeta) {
+    let number = meta.annotations.as_mut().and_then(|a| a.remove_entry(crate::runs::TOKEN_NUMBER_ANNOTATION));
+    keep_identity(meta);
+    meta.annotations = number.map(|(k, v)| std::iter::once((k, v)).collect());
+}
+
 /// A filter that passes an object when its spec (generation) changed, when it is being
 /// deleted, or when it is gone from the cache (deleted) — but not for status-only updates,
 /// which Deputy itself makes to grants and agents and which would otherwise re-reconcile
@@ -796,5 +805,30 @@ mod tests {
         for (i, (cached, written, behind)) in cases.into_iter().enumerate() {
             assert_eq!(cached < written, behind, "case {i}: {cached:?} vs {written:?}");
         }
+    }
+
+    #[test]
+    fn a_cached_secret_keeps_only_its_identity_and_its_token_number() {
+        let annotations = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+            )
+        };
+        let mut meta = kube::api::ObjectMeta {
+            name: Some("deputy-run-a".into()),
+            uid: Some("u1".into()),
+            resource_version: Some("7".into()),
+            annotations: annotations(&[(crate::runs::TOKEN_NUMBER_ANNOTATION, "3"), ("other", "x")]),
+            labels: annotations(&[("app", "deputy")]),
+            ..Default::default()
+        };
+        keep_token_number(&mut meta);
+        assert_eq!(meta.annotations, annotations(&[(crate::runs::TOKEN_NUMBER_ANNOTATION, "3")]));
+        assert_eq!((meta.uid.as_deref(), meta.resource_version.as_deref()), (Some("u1"), Some("7")));
+        assert!(meta.labels.is_none());
+        assert_eq!(crate::runs::token_number(&meta), 3);
+        let mut bare = kube::api::ObjectMeta { name: Some("deputy-run-b".into()), ..Default::default() };
+        keep_token_number(&mut bare);
+        assert_eq!((bare.annotations, crate::runs::token_number(&kube::api::ObjectMeta::default())), (None, 0));
     }
 }
