@@ -236,20 +236,9 @@ impl Context {
     }
 
     /// Remembers what the run's current token carries (`None`: forget it, the run ended).
+    /// Bounded: a forgotten run only costs one read of its token.
     fn hold(&self, uid: &str, held: Option<plan::Held>) {
-        let Ok(mut h) = self.held.lock() else { return };
-        match held {
-            Some(held) => {
-                // Bounded: a forgotten run only costs one read of its token.
-                if h.len() >= 200_000 {
-                    h.clear();
-                }
-                h.insert(uid.to_string(), held);
-            }
-            None => {
-                h.remove(uid);
-            }
-        }
+        remember(&self.held, uid, held);
     }
 
     /// The number of the last token this process wrote for the run `uid` (0: none), and the
@@ -260,20 +249,9 @@ impl Context {
 
     /// Remembers that token `number` was written for the run `uid`, making the Secret's
     /// resourceVersion `version` (`None`: not yet known; `number` `None`: the run ended).
+    /// Bounded: a forgotten run falls back to its Secret's annotation.
     fn numbered(&self, uid: &str, number: Option<(u32, Option<String>)>) {
-        let Ok(mut n) = self.numbered.lock() else { return };
-        match number {
-            Some(number) => {
-                // Bounded like `held`: a forgotten run falls back to its Secret's annotation.
-                if n.len() >= 200_000 {
-                    n.clear();
-                }
-                n.insert(uid.to_string(), number);
-            }
-            None => {
-                n.remove(uid);
-            }
-        }
+        remember(&self.numbered, uid, number);
     }
 
     /// The time, from the controller's clock.
@@ -302,6 +280,24 @@ impl Context {
             let _ = self.status_triggers.send(StatusTrigger::Grant(ObjectRef::new(g).within(&ns)));
         }
         let _ = self.status_triggers.send(StatusTrigger::Agent(ObjectRef::new(&run.spec.agent).within(&ns)));
+    }
+}
+
+/// Sets (`Some`) or forgets (`None`) what a per-run memory of the context holds for `uid`.
+/// Bounded: at 200,000 runs it starts again empty, so every such memory must be one the
+/// controller can do without (it reads the run's token or Secret instead).
+fn remember<V>(memory: &Mutex<HashMap<String, V>>, uid: &str, value: Option<V>) {
+    let Ok(mut m) = memory.lock() else { return };
+    match value {
+        Some(value) => {
+            if m.len() >= 200_000 {
+                m.clear();
+            }
+            m.insert(uid.to_string(), value);
+        }
+        None => {
+            m.remove(uid);
+        }
     }
 }
 

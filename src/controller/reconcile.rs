@@ -455,7 +455,7 @@ async fn mint(
     let version = owned::put_over(&api, &desired, run, secret, seen).await?;
     tracing::debug!(run = %name, number, version = ?version, "run token written");
     ctx.numbered(&uid, Some((number, version)));
-    ctx.hold(&run.uid().unwrap_or_default(), Some(auth.authority.clone()));
+    ctx.hold(&uid, Some(auth.authority.clone()));
     ctx.metrics.token_minted("run");
     Ok(Minted { issued_at: now, expires_at: expires, jti: claims.jti })
 }
@@ -595,10 +595,7 @@ async fn observe_children(run: &AgentRun, ctx: &Context) -> Result<Children, Err
 /// holds only Deputy-labelled Secrets; one not owned by the run counts nothing), or this
 /// process's memory of its last write when that is ahead.
 fn secret_token(run: &AgentRun, ctx: &Context) -> u32 {
-    let cached = owned::cached(&ctx.stores.secrets, run)
-        .filter(|s| runs::owned_by(&s.metadata, run))
-        .map_or(0, |s| runs::token_number(&s.metadata));
-    cached.max(ctx.token_number(&run.uid().unwrap_or_default()).0)
+    seen_secret(run, ctx).0
 }
 
 /// The run's Secret as this process last saw it: the number of the token it holds and its
@@ -607,10 +604,10 @@ fn secret_token(run: &AgentRun, ctx: &Context) -> u32 {
 fn seen_secret(run: &AgentRun, ctx: &Context) -> (u32, Option<String>) {
     let cached = owned::cached(&ctx.stores.secrets, run).filter(|s| runs::owned_by(&s.metadata, run));
     let cached_number = cached.as_ref().map_or(0, |s| runs::token_number(&s.metadata));
+    let cached_version = cached.and_then(|s| s.metadata.resource_version.clone());
     match ctx.token_number(&run.uid().unwrap_or_default()) {
-        (number, Some(version)) if number > cached_number => (number, Some(version)),
-        (number, None) if number > cached_number => (number, cached.and_then(|s| s.metadata.resource_version.clone())),
-        _ => (cached_number, cached.and_then(|s| s.metadata.resource_version.clone())),
+        (mine, my_version) if mine > cached_number => (mine, my_version.or(cached_version)),
+        _ => (cached_number, cached_version),
     }
 }
 
